@@ -1,0 +1,164 @@
+"""Ready-made optimizers: :func:`nanoadam` (the paper's Algorithm 1) and :func:`nanoadamw`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from nanoadam_jax.labels import Labels
+from nanoadam_jax.transform import Density, sparse_update
+
+__all__ = ["nanoadam", "nanoadamw"]
+
+
+def nanoadam(
+    learning_rate: optax.ScalarOrSchedule,
+    density: Density = 0.1,
+    mask_interval: int = 100,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    mu_dtype: Any | None = None,
+    scope: str = "leaf",
+    block_size: int = 4096,
+    criterion: str = "smallest",
+    labels: Labels = None,
+    refresh_policy: str = "reset",
+    state_layout: str = "compact",
+    max_density: float | None = None,
+    seed: int = 0,
+    selection_method: str = "bisection",
+) -> optax.GradientTransformationExtraArgs:
+    """NanoAdam: Adam on the smallest-magnitude weights of each tensor only.
+
+    Equivalent to ``optax.chain(sparse_update(optax.scale_by_adam(b1, b2, eps), ...),
+    optax.scale_by_learning_rate(learning_rate))``: at step 0, every
+    ``mask_interval`` steps and whenever the density changes, each sparse leaf's
+    ``k = round(density * n)`` smallest-``|w|`` entries are selected (exactly ``k``,
+    ties by index); Adam runs on those entries only, with moments stored only for
+    them; every other entry of a sparse leaf gets an update of exactly ``0.0``.
+    The output head and normalisation layers are updated densely (see
+    :func:`~nanoadam_jax.default_labels`). With ``density=1.0`` it is ``optax.adam``.
+
+    See :func:`~nanoadam_jax.sparse_update` for the selection, refresh-policy and
+    state-layout arguments.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, nanoadam_jax as nanoadam
+      >>> params = {"w": jnp.linspace(-1.0, 1.0, 10)}
+      >>> tx = nanoadam.nanoadam(learning_rate=0.1, density=0.2, mask_interval=5)
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum((p["w"] - 2.0) ** 2))(params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> int(jnp.sum(updates["w"] != 0))
+      2
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      density: fraction in ``(0, 1]`` or a schedule ``step -> density``
+        (e.g. :func:`~nanoadam_jax.linear_density_decay`).
+      mask_interval: refresh the selection every this many steps.
+      b1, b2, eps: Adam's hyperparameters.
+      mu_dtype: dtype of the first moment (as in ``optax.adam``).
+      scope, block_size, criterion, labels, refresh_policy, state_layout,
+      max_density, seed, selection_method: see :func:`~nanoadam_jax.sparse_update`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+    """
+    inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+    return optax.chain(
+        sparse_update(
+            inner,
+            density,
+            mask_interval,
+            scope=scope,
+            block_size=block_size,
+            criterion=criterion,
+            labels=labels,
+            refresh_policy=refresh_policy,
+            state_layout=state_layout,
+            max_density=max_density,
+            seed=seed,
+            selection_method=selection_method,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def nanoadamw(
+    learning_rate: optax.ScalarOrSchedule,
+    density: Density = 0.1,
+    mask_interval: int = 100,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    mu_dtype: Any | None = None,
+    scope: str = "leaf",
+    block_size: int = 4096,
+    criterion: str = "smallest",
+    labels: Labels = None,
+    refresh_policy: str = "reset",
+    state_layout: str = "compact",
+    max_density: float | None = None,
+    seed: int = 0,
+    selection_method: str = "bisection",
+) -> optax.GradientTransformationExtraArgs:
+    """NanoAdam with decoupled weight decay (like ``optax.adamw``), on selected entries only.
+
+    The decay ``weight_decay * w`` is added inside the sparse update, so it applies
+    to the selected entries of sparse leaves and to dense leaves, and never to
+    unselected entries (their update stays exactly ``0.0``). As in ``optax.adamw``
+    the decay is scaled by the learning rate. The default ``weight_decay`` matches
+    ``optax.adamw``'s.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> params = {"w": jnp.array([0.1, -2.0, 0.3, 4.0])}
+      >>> tx = nanoadam.nanoadamw(learning_rate=0.1, density=0.5, weight_decay=0.5)
+      >>> updates, _ = tx.update({"w": jnp.zeros(4)}, tx.init(params), params)
+      >>> [round(u, 3) + 0.0 for u in updates["w"].tolist()]
+      [-0.005, 0.0, -0.015, 0.0]
+
+    Args:
+      learning_rate, density, mask_interval, b1, b2, eps, mu_dtype: see :func:`nanoadam`.
+      weight_decay: decoupled weight decay rate (non-negative float).
+      scope, block_size, criterion, labels, refresh_policy, state_layout,
+      max_density, seed, selection_method: see :func:`~nanoadam_jax.sparse_update`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+    """
+    if not isinstance(weight_decay, jax.core.Tracer):
+        try:
+            bad = float(weight_decay) < 0
+        except TypeError:
+            bad = True
+        if bad:
+            raise ValueError(f"`weight_decay` must be a non-negative float, got {weight_decay!r}")
+    inner = optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        optax.add_decayed_weights(weight_decay),
+    )
+    return optax.chain(
+        sparse_update(
+            inner,
+            density,
+            mask_interval,
+            scope=scope,
+            block_size=block_size,
+            criterion=criterion,
+            labels=labels,
+            refresh_policy=refresh_policy,
+            state_layout=state_layout,
+            max_density=max_density,
+            seed=seed,
+            selection_method=selection_method,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )

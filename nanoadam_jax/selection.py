@@ -1,0 +1,365 @@
+"""Which entries of a weight tensor are trainable: the selection rule.
+
+Everything that decides *which* entries NanoAdam updates lives here:
+
+* :func:`num_selected` turns a density into a count ``k`` (the rounding rule).
+* :func:`selection_keys` turns weights into sortable ``uint32`` keys for a
+  criterion (smallest ``|w|``, largest ``|w|`` or random).
+* :func:`bottom_k_mask` picks exactly ``k`` smallest keys per row, breaking ties
+  by flat index, with an exact 32-pass bisection on the key bits (no sort).
+* :func:`select_mask` (per leaf or per block) and :func:`select_global_masks`
+  (one threshold over many leaves) combine the three.
+
+The rule, in words: *the trainable set of a tensor is the k entries with the
+smallest key; among equal keys the one with the smaller flat (row-major) index
+wins.* The selection uses no gradient.
+
+Numerical conventions (documented and tested):
+
+* Keys are computed from the weights cast to float32 (exact for bf16, fp16 and
+  fp32; for float64 weights, values closer than float32 resolution tie and are
+  broken by index).
+* ``NaN`` weights get the largest possible key: a NaN weight is never "small"
+  (nor "large", nor randomly picked) unless more than ``n - k`` entries are NaN,
+  in which case NaNs fill the remaining slots in index order. ``+-inf`` is an
+  ordinary (huge) magnitude.
+* ``-0.0`` and ``+0.0`` have the same magnitude.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "CRITERIA",
+    "METHODS",
+    "SCOPES",
+    "bottom_k_mask",
+    "kth_smallest_key",
+    "num_selected",
+    "select_global_masks",
+    "select_mask",
+    "selection_keys",
+]
+
+#: Accepted values of ``scope``: one threshold per leaf (the paper), per fixed-size
+#: block of the flattened leaf (what the paper's code does), or one threshold over
+#: all sparse leaves together.
+SCOPES = ("leaf", "block", "global")
+#: Accepted values of ``criterion``.
+CRITERIA = ("smallest", "largest", "random")
+#: Accepted values of ``method`` (how the k smallest keys are found).
+METHODS = ("bisection", "sort", "top_k")
+
+_MAX_KEY = jnp.uint32(0xFFFFFFFF)
+_INF_BITS = 0x7F800000
+
+
+def num_selected(n: int, density: jax.typing.ArrayLike) -> jax.Array:
+    """Number of selected entries ``k`` out of ``n`` for a density (the rounding rule).
+
+    ``k = clip(round_half_up(density * n), 1, n)`` for ``n > 0`` and ``k = 0`` for an
+    empty leaf. Every non-empty leaf therefore trains at least one entry, and a leaf
+    smaller than ``1 / density`` trains exactly one. The product is computed in
+    float32 (``n`` above ``2**24`` may round ``k`` by a few entries).
+
+    Works with a traced ``density`` (for example under ``jax.vmap``).
+
+    Example:
+      >>> import nanoadam_jax as nanoadam
+      >>> int(nanoadam.num_selected(1000, 0.1)), int(nanoadam.num_selected(3, 0.1))
+      (100, 1)
+
+    Args:
+      n: number of entries (static).
+      density: fraction of entries to select, in ``(0, 1]``.
+
+    Returns:
+      An int32 scalar.
+    """
+    if n == 0:
+        return jnp.zeros((), jnp.int32)
+    k = jnp.floor(jnp.asarray(density, jnp.float32) * jnp.float32(n) + 0.5)
+    return jnp.clip(k, 1, n).astype(jnp.int32)
+
+
+def selection_keys(
+    x: jax.Array, criterion: str = "smallest", key: jax.Array | None = None
+) -> jax.Array:
+    """Map weights to ``uint32`` keys whose *smallest* values are the ones to select.
+
+    * ``"smallest"``: the float32 bit pattern of ``|x|`` (monotone in ``|x|``).
+    * ``"largest"``: the bit pattern reversed, so large magnitudes get small keys.
+    * ``"random"``: uniform random bits from ``key``.
+
+    NaN entries get the largest key for every criterion (see the module docstring).
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> k = nanoadam.selection_keys(jnp.array([0.5, -0.1, 2.0]))
+      >>> [int(i) for i in jnp.argsort(k)]
+      [1, 0, 2]
+
+    Args:
+      x: weights, any float dtype and shape.
+      criterion: one of :data:`CRITERIA`.
+      key: a PRNG key, required for ``"random"``.
+
+    Returns:
+      A uint32 array with the shape of ``x``.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    xf = jnp.asarray(x).astype(jnp.float32)
+    nan = jnp.isnan(xf)
+    if criterion == "random":
+        if key is None:
+            raise ValueError("criterion='random' needs a PRNG `key`")
+        keys = jax.random.bits(key, xf.shape, jnp.uint32)
+        # Keep _MAX_KEY for NaN only, so random keys never outrank a NaN.
+        keys = jnp.minimum(keys, _MAX_KEY - 1)
+    else:
+        bits = jax.lax.bitcast_convert_type(jnp.abs(xf), jnp.uint32)
+        if criterion == "largest":
+            bits = jnp.uint32(_INF_BITS) - jnp.minimum(bits, jnp.uint32(_INF_BITS))
+        keys = bits
+    return jnp.where(nan, _MAX_KEY, keys)
+
+
+def kth_smallest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
+    """Smallest ``t`` with ``count(keys[r] <= t) >= k[r]``, per row, by bisection.
+
+    Exact in 32 passes over the data, each pass a comparison and a count; works
+    under ``jit`` and ``vmap`` with traced ``k``. For ``k = 0`` it returns 0.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> keys = jnp.array([[5, 1, 9, 1]], jnp.uint32)
+      >>> int(nanoadam.kth_smallest_key(keys, jnp.array([3]))[0])
+      5
+
+    Args:
+      keys: uint32 array of shape ``(rows, cols)``.
+      k: int32 array of shape ``(rows,)``.
+
+    Returns:
+      uint32 thresholds of shape ``(rows,)``.
+    """
+    rows = keys.shape[0]
+    lo = jnp.zeros((rows,), jnp.uint32)
+    hi = jnp.full((rows,), _MAX_KEY)
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        count = jnp.sum(keys <= mid[:, None], axis=1, dtype=jnp.int32)
+        enough = count >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return lo
+
+
+def _ties_by_index(keys: jax.Array, threshold: jax.Array, need: jax.Array) -> jax.Array:
+    """``keys < t`` plus the first ``need`` entries equal to ``t`` (row-wise)."""
+    below = keys < threshold[:, None]
+    equal = keys == threshold[:, None]
+    rank = jnp.cumsum(equal, axis=1, dtype=jnp.int32)
+    return below | (equal & (rank <= need[:, None]))
+
+
+def bottom_k_mask(keys: jax.Array, k: jax.Array, method: str = "bisection") -> jax.Array:
+    """Boolean mask of exactly ``k[r]`` smallest keys in each row; ties by index.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> keys = jnp.array([[3, 1, 1, 1, 0]], jnp.uint32)
+      >>> nanoadam.bottom_k_mask(keys, jnp.array([3])).astype(int).tolist()
+      [[0, 1, 1, 0, 1]]
+
+    Args:
+      keys: uint32 array ``(rows, cols)``.
+      k: int32 array ``(rows,)`` with ``0 <= k <= cols``.
+      method: ``"bisection"`` (default; exact, no sort, traced ``k``), ``"sort"``
+        (a stable argsort; traced ``k``) or ``"top_k"`` (``jax.lax.top_k``; needs a
+        concrete ``k``, equal on all rows). The three give identical masks; the
+        alternatives exist for benchmarks.
+
+    Returns:
+      A bool array shaped like ``keys``.
+    """
+    k = jnp.asarray(k, jnp.int32)
+    if method == "bisection":
+        t = kth_smallest_key(keys, k)
+        need = k - jnp.sum(keys < t[:, None], axis=1, dtype=jnp.int32)
+        return _ties_by_index(keys, t, need)
+    if method == "sort":
+        order = jnp.argsort(keys, axis=1, stable=True)
+        ranks = (
+            jnp.zeros_like(order)
+            .at[jnp.arange(keys.shape[0])[:, None], order]
+            .set(jnp.arange(keys.shape[1], dtype=order.dtype)[None, :])
+        )
+        return ranks < k[:, None]
+    if method == "top_k":
+        try:
+            kk = int(jax.core.concrete_or_error(None, k[0] if k.ndim else k))
+        except jax.errors.ConcretizationTypeError as e:
+            raise ValueError("method='top_k' needs a concrete (non-traced) density") from e
+        if kk == 0:
+            return jnp.zeros(keys.shape, bool)
+        # Larger value = smaller key; lax.top_k returns the lower index first on ties.
+        _, idx = jax.lax.top_k(_MAX_KEY - keys, kk)
+        rows = jnp.arange(keys.shape[0])[:, None]
+        return jnp.zeros(keys.shape, bool).at[rows, idx].set(True)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _as_rows(flat: jax.Array, cols: int, fill: jax.Array) -> jax.Array:
+    """Pad a flat array to a multiple of ``cols`` and reshape to ``(rows, cols)``."""
+    n = flat.shape[0]
+    rows = max(1, -(-n // cols))
+    pad = rows * cols - n
+    if pad:
+        flat = jnp.concatenate([flat, jnp.full((pad,), fill, flat.dtype)])
+    return flat.reshape(rows, cols)
+
+
+def block_layout(n: int, scope: str, block_size: int) -> tuple[int, int]:
+    """``(rows, cols)`` of the 2-D view used for selection of an ``n``-entry leaf.
+
+    Per leaf: one row of ``n``. Per block: ``ceil(n / block_size)`` rows of
+    ``block_size`` (the last one padded; padding is never selected).
+
+    Example:
+      >>> import nanoadam_jax as nanoadam
+      >>> nanoadam.selection.block_layout(10, "block", 4)
+      (3, 4)
+    """
+    if scope == "block" and n > block_size:
+        return -(-n // block_size), block_size
+    return 1, max(n, 1)
+
+
+def rows_selected(n: int, density: jax.typing.ArrayLike, scope: str, block_size: int) -> jax.Array:
+    """Per-row ``k`` for :func:`block_layout`: the rounding rule applied to each block.
+
+    Each full block of ``block_size`` entries selects ``num_selected(block_size, d)``;
+    the last, shorter block selects ``num_selected(len_last, d)``.
+
+    Example:
+      >>> import nanoadam_jax as nanoadam
+      >>> nanoadam.selection.rows_selected(10, 0.5, "block", 4).tolist()
+      [2, 2, 1]
+    """
+    rows, cols = block_layout(n, scope, block_size)
+    if rows == 1:
+        return num_selected(n, density)[None]
+    last = n - (rows - 1) * cols
+    full = num_selected(cols, density)
+    return jnp.concatenate([jnp.full((rows - 1,), full), num_selected(last, density)[None]])
+
+
+def select_mask(
+    x: jax.Array,
+    density: jax.typing.ArrayLike,
+    *,
+    scope: str = "leaf",
+    block_size: int = 4096,
+    criterion: str = "smallest",
+    key: jax.Array | None = None,
+    method: str = "bisection",
+) -> jax.Array:
+    """Boolean mask of the selected entries of one weight tensor.
+
+    Exactly :func:`num_selected` entries per leaf (``scope="leaf"``) or per block
+    of ``block_size`` flattened entries (``scope="block"``).
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> w = jnp.array([[0.3, -0.01], [2.0, 0.02]])
+      >>> nanoadam.select_mask(w, 0.5).tolist()
+      [[False, True], [False, True]]
+
+    Args:
+      x: the weights.
+      density: fraction in ``(0, 1]`` (may be traced).
+      scope: ``"leaf"`` or ``"block"`` (use :func:`select_global_masks` for global).
+      block_size: entries per block for ``scope="block"``.
+      criterion: one of :data:`CRITERIA`.
+      key: PRNG key for ``criterion="random"``.
+      method: one of :data:`METHODS`.
+
+    Returns:
+      A bool array with the shape of ``x``.
+    """
+    if scope not in ("leaf", "block"):
+        raise ValueError(f"select_mask handles scope 'leaf' or 'block', got {scope!r}")
+    n = x.size
+    if n == 0:
+        return jnp.zeros(x.shape, bool)
+    keys = selection_keys(x.reshape(-1), criterion, key)
+    _, cols = block_layout(n, scope, block_size)
+    keys2 = _as_rows(keys, cols, _MAX_KEY)
+    k = rows_selected(n, density, scope, block_size)
+    mask = bottom_k_mask(keys2, k, method)
+    return mask.reshape(-1)[:n].reshape(x.shape)
+
+
+def select_global_masks(
+    leaves: Sequence[jax.Array],
+    density: jax.typing.ArrayLike,
+    *,
+    criterion: str = "smallest",
+    key: jax.Array | None = None,
+) -> list[jax.Array]:
+    """Masks for one global selection over several leaves (``scope="global"``).
+
+    ``k = num_selected(total entries, density)`` entries with the smallest keys over
+    the concatenation of all leaves (in the given order, each flattened); ties are
+    broken by position in that concatenation. Leaves are never concatenated in
+    memory: counts are summed over leaves at each bisection pass.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> a, b = jnp.array([0.1, 5.0]), jnp.array([0.2, 0.3, 9.0])
+      >>> [m.tolist() for m in nanoadam.select_global_masks([a, b], 0.4)]
+      [[True, False], [True, False, False]]
+
+    Args:
+      leaves: weight arrays.
+      density: fraction in ``(0, 1]`` (may be traced).
+      criterion: one of :data:`CRITERIA`.
+      key: PRNG key for ``criterion="random"``.
+
+    Returns:
+      A list of bool masks, one per leaf.
+    """
+    total = sum(int(x.size) for x in leaves)
+    k = num_selected(total, density)
+    keys = []
+    for i, x in enumerate(leaves):
+        leaf_key = None if key is None else jax.random.fold_in(key, i)
+        keys.append(selection_keys(x.reshape(-1), criterion, leaf_key))
+
+    def count_le(t):
+        return sum((jnp.sum(kk <= t, dtype=jnp.int32) for kk in keys), jnp.int32(0))
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        enough = count_le(mid) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    t, _ = jax.lax.fori_loop(0, 32, body, (jnp.uint32(0), _MAX_KEY))
+    need = k - sum((jnp.sum(kk < t, dtype=jnp.int32) for kk in keys), jnp.int32(0))
+    masks = []
+    for x, kk in zip(leaves, keys):
+        equal = kk == t
+        rank = jnp.cumsum(equal, dtype=jnp.int32)
+        masks.append(((kk < t) | (equal & (rank <= need))).reshape(x.shape))
+        need = need - jnp.sum(equal, dtype=jnp.int32)
+    return masks

@@ -1,0 +1,759 @@
+"""The NanoAdam transformations and their states.
+
+Three optax ``GradientTransformation`` factories live here:
+
+* :func:`sparse_update` wraps any element-wise optax transformation (``scale_by_adam``,
+  ``scale_by_lion``...) so that it only ever sees, stores state for and updates the
+  selected entries. It is the efficient form: one selection per refresh, and (with
+  the default ``state_layout="compact"``) inner state of size ``k``, not ``n``.
+* :func:`magnitude_mask` (alias :func:`mask`) zeroes the gradient outside the
+  selection: *gradient masking only*. Chained before ``optax.adam`` it does **not**
+  guarantee zero updates outside the mask, because Adam keeps momentum for entries
+  that left the selection.
+* :func:`masked_apply` zeroes the updates outside the selection: it closes a spelled
+  out pipeline ``magnitude_mask -> scale_by_adam -> masked_apply -> lr``. Given the
+  same selection arguments, both recompute the same mask at the same steps (the
+  rule is deterministic and their step counters advance together, also inside
+  ``optax.MultiSteps`` and ``optax.apply_if_finite``).
+
+Refresh rule (all three): the mask is recomputed at step 0, every ``mask_interval``
+steps, and at any step where the density (a float or a schedule ``step -> density``)
+differs from the density of the current mask. The decision runs under
+``jax.lax.cond``: steps without a refresh do no selection work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nanoadam_jax import _checks, selection
+from nanoadam_jax.labels import DENSE, FROZEN, SPARSE, Labels, label_params
+
+__all__ = [
+    "LAYOUTS",
+    "REFRESH_POLICIES",
+    "MagnitudeMaskState",
+    "MaskedApplyState",
+    "SparseUpdateState",
+    "magnitude_mask",
+    "mask",
+    "masked_apply",
+    "sparse_update",
+]
+
+#: Accepted values of ``refresh_policy`` (what happens to the inner state at a refresh).
+REFRESH_POLICIES = ("reset", "keep")
+#: Accepted values of ``state_layout``.
+LAYOUTS = ("compact", "dense")
+
+Density = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+
+class SparseUpdateState(NamedTuple):
+    """State of :func:`sparse_update`.
+
+    Attributes:
+      sparse_step: int32, number of updates done so far (drives ``mask_interval``).
+      sparse_density: float32, the density the current selection was made with.
+      selected: per sparse leaf, the current selection (``None`` elsewhere). With
+        ``state_layout="compact"``: sorted int32 column indices of shape
+        ``(rows, k_max)`` into the leaf's ``(rows, cols)`` view (one row per leaf,
+        or one per block), padded with ``cols`` when fewer than ``k_max`` are live.
+        With ``state_layout="dense"``: a bool mask with the leaf's shape.
+      sparse_inner_state: the inner transformation's state for the sparse leaves,
+        over vectors of the ``rows * k_max`` selected values (compact) or over the
+        full leaves (dense).
+      dense_inner_state: the inner transformation's state for the dense leaves.
+    """
+
+    sparse_step: jax.Array
+    sparse_density: jax.Array
+    selected: Any
+    sparse_inner_state: optax.OptState
+    dense_inner_state: optax.OptState
+
+
+class MagnitudeMaskState(NamedTuple):
+    """State of :func:`magnitude_mask`.
+
+    Attributes:
+      mask_step: int32 update counter.
+      mask_density: float32 density of the current mask.
+      mask: per sparse leaf a bool mask (``None`` for dense and frozen leaves).
+    """
+
+    mask_step: jax.Array
+    mask_density: jax.Array
+    mask: Any
+
+
+class MaskedApplyState(NamedTuple):
+    """State of :func:`masked_apply`.
+
+    Attributes:
+      apply_step: int32 update counter.
+      apply_density: float32 density of the current mask.
+      apply_mask: per sparse leaf a bool mask (``None`` for dense and frozen leaves).
+    """
+
+    apply_step: jax.Array
+    apply_density: jax.Array
+    apply_mask: Any
+
+
+# --------------------------------------------------------------------------------------
+# Configuration shared by the three factories.
+# --------------------------------------------------------------------------------------
+
+
+class _Selector:
+    """Validated selection arguments and the refresh/selection logic built on them."""
+
+    def __init__(
+        self,
+        density: Density,
+        mask_interval: int,
+        scope: str,
+        block_size: int,
+        criterion: str,
+        labels: Labels,
+        seed: int,
+        method: str,
+        max_density: float | None,
+    ):
+        _checks.check_positive_int("mask_interval", mask_interval)
+        _checks.check_choice("scope", scope, selection.SCOPES)
+        _checks.check_choice("criterion", criterion, selection.CRITERIA)
+        _checks.check_choice("selection_method", method, selection.METHODS)
+        self.block_size = _checks.check_static_positive_int(
+            "block_size",
+            block_size,
+            "With optax.inject_hyperparams pass static_args=('block_size', 'max_density').",
+        )
+        if max_density is not None:
+            if not _checks.is_concrete(max_density):
+                raise ValueError(
+                    "`max_density` must be a static number in (0, 1], got a traced value. "
+                    "With optax.inject_hyperparams pass static_args=('max_density',)."
+                )
+            _checks.check_density("max_density", max_density)
+            max_density = float(np.asarray(max_density))
+        if isinstance(seed, bool) or (
+            _checks.is_concrete(seed) and not np.issubdtype(np.asarray(seed).dtype, np.integer)
+        ):
+            raise ValueError(f"`seed` must be an integer, got {seed!r}")
+
+        if callable(density):
+            self.density_fn = lambda step: jnp.asarray(density(step), jnp.float32)
+            static_max = getattr(density, "max_density", None)
+            _check_schedule(density)
+        else:
+            _checks.check_density("density", density)
+            if isinstance(density, (int, float)):
+                static_max = float(density)
+            else:
+                # An array (e.g. from optax.inject_hyperparams): its value may change,
+                # so the buffers cannot be sized from it.
+                static_max = None
+            self.density_fn = lambda step: jnp.asarray(density, jnp.float32)
+        if max_density is not None:
+            if static_max is not None and static_max > max_density:
+                raise ValueError(
+                    f"`max_density`={max_density} is below the density's largest value {static_max}"
+                )
+            static_max = max_density
+        # None means: size compact buffers for density 1.0 (documented).
+        self.max_density = static_max
+        self.mask_interval = mask_interval
+        self.scope = scope
+        self.criterion = criterion
+        self.labels = labels
+        self.seed = seed
+        self.method = method
+
+    # -- refresh decision ---------------------------------------------------------------
+
+    def refresh_decision(self, step: jax.Array, current: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(refresh?, density now)`` for the step about to be taken."""
+        density = self.density_fn(step)
+        refresh = (step % self.mask_interval == 0) | (density != current)
+        return refresh, density
+
+    def key(self, step: jax.Array) -> jax.Array | None:
+        if self.criterion != "random":
+            return None
+        return jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
+
+    # -- selection ----------------------------------------------------------------------
+
+    def masks(self, leaves: list[jax.Array], density: jax.Array, step: jax.Array) -> list:
+        """Bool masks for the sparse leaves (in order)."""
+        key = self.key(step)
+        if self.scope == "global":
+            return selection.select_global_masks(leaves, density, criterion=self.criterion, key=key)
+        return [
+            selection.select_mask(
+                x,
+                density,
+                scope=self.scope,
+                block_size=self.block_size,
+                criterion=self.criterion,
+                key=None if key is None else jax.random.fold_in(key, i),
+                method=self.method,
+            )
+            for i, x in enumerate(leaves)
+        ]
+
+    def layout(self, n: int) -> tuple[int, int, int]:
+        """``(rows, cols, k_max per row)`` of a sparse leaf's compact buffer."""
+        rows, cols = selection.block_layout(n, self.scope, self.block_size)
+        if n == 0:
+            return rows, cols, 0
+        d = 1.0 if self.max_density is None else self.max_density
+        kmax = int(selection.num_selected(min(n, cols), d))
+        return rows, cols, kmax
+
+
+def _check_schedule(schedule: Callable[[Any], Any]) -> None:
+    """Evaluate a density schedule eagerly at a few steps and check its range."""
+    for step in (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000):
+        try:
+            value = schedule(jnp.asarray(step, jnp.int32))
+            arr = np.asarray(value)
+        except Exception:
+            return
+        if arr.shape != () or not 0.0 < float(arr) <= 1.0:
+            raise ValueError(
+                f"the `density` schedule must return a scalar in (0, 1]; at step {step} it "
+                f"returned {value!r}"
+            )
+
+
+def _split(tree: Any, labels: Any, label: str) -> list[tuple[int, Any]]:
+    """``[(position, leaf)]`` of the leaves with a given label (flat order)."""
+    leaves = jax.tree.leaves(tree)
+    flat_labels = jax.tree.leaves(labels)
+    return [(i, x) for i, (x, lab) in enumerate(zip(leaves, flat_labels)) if lab == label]
+
+
+def _subtree(treedef: Any, n_leaves: int, items: list[tuple[int, Any]]) -> Any:
+    """A tree with the given leaves at their positions and ``None`` elsewhere."""
+    leaves: list[Any] = [None] * n_leaves
+    for i, x in items:
+        leaves[i] = x
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _zero_update(u: Any) -> Any:
+    if u is None or getattr(u, "dtype", None) == jax.dtypes.float0:
+        return u
+    return jnp.zeros_like(u)
+
+
+def _require_params(params: Any, name: str) -> None:
+    if params is None:
+        raise ValueError(
+            f"{name} selects entries by the magnitude of the parameters: call "
+            "`update(updates, state, params)` with the current parameters"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# magnitude_mask / masked_apply: full-size bool masks.
+# --------------------------------------------------------------------------------------
+
+
+def _mask_init(selector: _Selector, params: Any) -> tuple[jax.Array, jax.Array, Any]:
+    labels = label_params(params, selector.labels)
+    masks = jax.tree.map(
+        lambda p, lab: jnp.zeros(p.shape, bool) if lab == SPARSE else None, params, labels
+    )
+    return jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32), masks
+
+
+def _mask_update(
+    selector: _Selector,
+    updates: Any,
+    step: jax.Array,
+    density_now: jax.Array,
+    masks: Any,
+    params: Any,
+) -> tuple[Any, jax.Array, Any]:
+    """Refresh the masks if due, and apply them (and the labels) to ``updates``."""
+    labels = label_params(params, selector.labels)
+    leaves, treedef = jax.tree.flatten(params)
+    sparse = _split(params, labels, SPARSE)
+    refresh, density = selector.refresh_decision(step, density_now)
+
+    def do_refresh(_):
+        new = selector.masks([x for _, x in sparse], density, step)
+        return _subtree(treedef, len(leaves), list(zip([i for i, _ in sparse], new)))
+
+    masks = jax.lax.cond(refresh, do_refresh, lambda m: m, masks)
+    flat_masks = treedef.flatten_up_to(masks)
+    flat_labels = treedef.flatten_up_to(labels)
+    flat_updates = treedef.flatten_up_to(updates)
+    out = []
+    for u, m, lab in zip(flat_updates, flat_masks, flat_labels):
+        if lab == SPARSE:
+            out.append(jnp.where(m, u, jnp.zeros_like(u)))
+        elif lab == DENSE:
+            out.append(u)
+        else:
+            out.append(_zero_update(u))
+    return jax.tree_util.tree_unflatten(treedef, out), density, masks
+
+
+def magnitude_mask(
+    density: Density = 0.1,
+    mask_interval: int = 100,
+    *,
+    scope: str = "leaf",
+    block_size: int = 4096,
+    criterion: str = "smallest",
+    labels: Labels = None,
+    seed: int = 0,
+    selection_method: str = "bisection",
+) -> optax.GradientTransformationExtraArgs:
+    """Keep the gradient only at the selected (by default: smallest-magnitude) entries.
+
+    This is *gradient masking only*: in ``optax.chain(nanoadam.mask(...), optax.adam(lr))``
+    Adam still moves entries that left the selection, with their stale momentum. Close
+    the pipeline with :func:`masked_apply` (same arguments) to get exact zeros outside
+    the mask, or use :func:`sparse_update` / :func:`~nanoadam_jax.nanoadam`, which also
+    store moments only for the selected entries.
+
+    Dense leaves (see :mod:`nanoadam_jax.labels`) pass through unchanged; frozen
+    leaves get zero updates.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, nanoadam_jax as nanoadam
+      >>> params = {"w": jnp.array([0.1, -2.0, 0.3, 4.0])}
+      >>> tx = optax.chain(nanoadam.mask(density=0.5, mask_interval=10), optax.sgd(1.0))
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.ones(4)}, state, params)
+      >>> updates["w"].tolist()
+      [-1.0, -0.0, -1.0, -0.0]
+
+    Args:
+      density: fraction of each sparse leaf to select, in ``(0, 1]``, or a schedule
+        ``step -> density`` (see :mod:`nanoadam_jax.schedules`). May be traced.
+      mask_interval: refresh the mask every this many steps (positive int).
+      scope: ``"leaf"`` (the paper), ``"block"`` (exactly ``k`` per ``block_size``
+        flattened entries) or ``"global"`` (one threshold over all sparse leaves).
+      block_size: block length for ``scope="block"``.
+      criterion: ``"smallest"`` ``|w|`` (the paper), ``"largest"`` or ``"random"``
+        (seeded by ``seed``, new at each refresh) for ablations.
+      labels: which leaves are sparse, dense or frozen; see :mod:`nanoadam_jax.labels`.
+      seed: seed of ``criterion="random"``.
+      selection_method: ``"bisection"`` (default), ``"sort"`` or ``"top_k"``; all exact.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+    """
+    selector = _Selector(
+        density, mask_interval, scope, block_size, criterion, labels, seed, selection_method, None
+    )
+
+    def init_fn(params):
+        return MagnitudeMaskState(*_mask_init(selector, params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _require_params(params, "magnitude_mask")
+        out, density, masks = _mask_update(
+            selector, updates, state.mask_step, state.mask_density, state.mask, params
+        )
+        step = optax.safe_int32_increment(state.mask_step)
+        return out, MagnitudeMaskState(step, density, masks)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+#: Alias of :func:`magnitude_mask`, as users write it in ``optax.chain``.
+mask = magnitude_mask
+
+
+def masked_apply(
+    density: Density = 0.1,
+    mask_interval: int = 100,
+    *,
+    scope: str = "leaf",
+    block_size: int = 4096,
+    criterion: str = "smallest",
+    labels: Labels = None,
+    seed: int = 0,
+    selection_method: str = "bisection",
+) -> optax.GradientTransformationExtraArgs:
+    """Zero the updates outside the selection: closes a spelled-out NanoAdam pipeline.
+
+    Give it the same selection arguments as the :func:`magnitude_mask` before it; it
+    then recomputes the same mask at the same steps, so the pipeline
+
+    ``optax.chain(magnitude_mask(...), optax.scale_by_adam(), masked_apply(...),
+    optax.scale_by_learning_rate(lr))``
+
+    moves exactly the selected entries, with stale momentum of deselected entries
+    cut off. (It keeps full-size Adam moments: prefer :func:`~nanoadam_jax.nanoadam`
+    for the memory saving.)
+
+    Example:
+      >>> import jax.numpy as jnp, optax, nanoadam_jax as nanoadam
+      >>> kw = dict(density=0.5, mask_interval=10)
+      >>> tx = optax.chain(nanoadam.magnitude_mask(**kw), optax.scale_by_adam(),
+      ...                  nanoadam.masked_apply(**kw), optax.scale_by_learning_rate(0.1))
+      >>> params = {"w": jnp.array([0.1, -2.0, 0.3, 4.0])}
+      >>> updates, _ = tx.update({"w": jnp.ones(4)}, tx.init(params), params)
+      >>> [round(u, 3) + 0.0 for u in updates["w"].tolist()]
+      [-0.1, 0.0, -0.1, 0.0]
+
+    Args: the same as :func:`magnitude_mask`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+    """
+    selector = _Selector(
+        density, mask_interval, scope, block_size, criterion, labels, seed, selection_method, None
+    )
+
+    def init_fn(params):
+        return MaskedApplyState(*_mask_init(selector, params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _require_params(params, "masked_apply")
+        out, density, masks = _mask_update(
+            selector, updates, state.apply_step, state.apply_density, state.apply_mask, params
+        )
+        step = optax.safe_int32_increment(state.apply_step)
+        return out, MaskedApplyState(step, density, masks)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------
+# sparse_update: the inner transformation sees only the selected entries.
+# --------------------------------------------------------------------------------------
+
+
+class _CompactLeaf:
+    """Gather/scatter between a leaf and its ``(rows, k_max)`` compact buffer."""
+
+    def __init__(self, shape: tuple[int, ...], selector: _Selector, unique: bool):
+        self.shape = shape
+        self.n = int(np.prod(shape)) if shape else 1
+        self.rows, self.cols, self.kmax = selector.layout(self.n)
+        self.unique = unique
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.kmax
+
+    def empty_indices(self) -> jax.Array:
+        return jnp.full((self.rows, self.kmax), self.cols, jnp.int32)
+
+    def indices_from_mask(self, mask: jax.Array) -> jax.Array:
+        flat = mask.reshape(-1)
+        if self.rows == 1:
+            (idx,) = jnp.nonzero(flat, size=self.kmax, fill_value=self.cols)
+            return idx.astype(jnp.int32)[None]
+        m2 = selection._as_rows(flat, self.cols, jnp.bool_(False))
+
+        def row(m):
+            return jnp.nonzero(m, size=self.kmax, fill_value=self.cols)[0]
+
+        return jax.vmap(row)(m2).astype(jnp.int32)
+
+    def gather(self, x: jax.Array, idx: jax.Array) -> jax.Array:
+        flat = x.reshape(-1)
+        if self.rows == 1:
+            return jnp.take(flat, idx[0], mode="fill", fill_value=0)
+        x2 = selection._as_rows(flat, self.cols, jnp.zeros((), flat.dtype))
+        return jnp.take_along_axis(x2, idx, axis=1, mode="fill", fill_value=0).reshape(-1)
+
+    def scatter(self, values: jax.Array, idx: jax.Array, dtype: Any) -> jax.Array:
+        values = values.astype(dtype)
+        if self.rows == 1:
+            out = (
+                jnp.zeros((self.n,), dtype)
+                .at[idx[0]]
+                .set(values, mode="drop", indices_are_sorted=True, unique_indices=self.unique)
+            )
+            return out.reshape(self.shape)
+        rows = jnp.arange(self.rows)[:, None]
+        out = (
+            jnp.zeros((self.rows, self.cols), dtype)
+            .at[rows, idx]
+            .set(
+                values.reshape(self.rows, self.kmax),
+                mode="drop",
+                indices_are_sorted=True,
+                unique_indices=self.unique,
+            )
+        )
+        return out.reshape(-1)[: self.n].reshape(self.shape)
+
+    def carry_over(self, values: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
+        """Moments of entries selected before and after a refresh, zeros for new ones.
+
+        Both index sets are sorted, so each new index is located in the old ones by a
+        sorted search (``searchsorted``), k log k work at a refresh only.
+        """
+        v2 = values.reshape(self.rows, self.kmax)
+
+        def row(v, o, w):
+            pos = jnp.minimum(jnp.searchsorted(o, w), self.kmax - 1)
+            found = (o[pos] == w) & (w < self.cols)
+            return jnp.where(found, v[pos], jnp.zeros((), v.dtype))
+
+        return jax.vmap(row)(v2, old, new).reshape(values.shape)
+
+
+def sparse_update(
+    inner: optax.GradientTransformation,
+    density: Density = 0.1,
+    mask_interval: int = 100,
+    *,
+    scope: str = "leaf",
+    block_size: int = 4096,
+    criterion: str = "smallest",
+    labels: Labels = None,
+    refresh_policy: str = "reset",
+    state_layout: str = "compact",
+    max_density: float | None = None,
+    seed: int = 0,
+    selection_method: str = "bisection",
+) -> optax.GradientTransformationExtraArgs:
+    """Make an element-wise optax transformation update only the selected entries.
+
+    For every sparse leaf the selected entries' gradients (and parameters) are
+    gathered into a vector, ``inner`` runs on those vectors, and its updates are
+    scattered back into a full-size update that is exactly ``0.0`` everywhere else,
+    on every step (also right after a refresh, and for any weight decay inside
+    ``inner``). Dense leaves go through their own copy of ``inner`` unmasked; frozen
+    leaves get zero updates.
+
+    ``inner`` must be element-wise (each output entry depends only on the same entry
+    of its inputs, like ``scale_by_adam``, ``scale_by_lion``, ``add_decayed_weights``);
+    put tree-wide operations such as ``clip_by_global_norm`` *before* this
+    transformation in an ``optax.chain``.
+
+    **Moments at a refresh** (``refresh_policy``; the paper does not say):
+
+    * ``"reset"`` (default): the inner state of the sparse leaves is re-initialised
+      at every refresh, including Adam's step count, so every selected entry starts
+      like a fresh Adam and its first step is ``lr * sign(g)`` (no outsized step).
+    * ``"keep"``: entries that stay selected keep their moments, entries that enter
+      start from zero, and the inner step count keeps running. With Adam's global
+      bias correction an entering entry's first step is then about
+      ``(1 - b1) / sqrt(1 - b2)`` times the learning rate (about 3.2x with the
+      default betas); use it for ablations.
+
+    **State layouts** (``state_layout``):
+
+    * ``"compact"`` (default): the inner state holds ``k_max`` values per sparse leaf
+      (per block with ``scope="block"``) plus the sorted selected positions, where
+      ``k_max`` is the count at the largest density reachable: the density itself
+      when it is a Python number, the schedule's ``max_density`` attribute (set by
+      :func:`~nanoadam_jax.linear_density_decay`), or ``max_density``. When none is
+      known (a traced or injected density without ``max_density``) the buffers are
+      sized for density 1.0: correct, but without the memory saving.
+    * ``"dense"``: full-size inner state and bool masks (for research that needs
+      full-size moments; also the only layout for ``scope="global"``).
+
+    Both layouts produce the same updates.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, nanoadam_jax as nanoadam
+      >>> tx = nanoadam.sparse_update(optax.scale_by_lion(), density=0.5, mask_interval=10)
+      >>> params = {"w": jnp.array([0.1, -2.0, 0.3, 4.0])}
+      >>> updates, _ = tx.update({"w": jnp.ones(4)}, tx.init(params), params)
+      >>> updates["w"].tolist()
+      [1.0, 0.0, 1.0, 0.0]
+
+    Args:
+      inner: an element-wise ``optax.GradientTransformation``.
+      density: fraction of each sparse leaf (or block, or of all sparse leaves for
+        ``scope="global"``) to update, in ``(0, 1]``; or a schedule
+        ``step -> density``. May be traced (``jax.vmap`` over densities).
+      mask_interval: recompute the selection every this many steps.
+      scope: ``"leaf"``, ``"block"`` or ``"global"`` (see :func:`magnitude_mask`).
+      block_size: block length for ``scope="block"``.
+      criterion: ``"smallest"``, ``"largest"`` or ``"random"``.
+      labels: which leaves are sparse, dense or frozen; see :mod:`nanoadam_jax.labels`.
+      refresh_policy: ``"reset"`` or ``"keep"``, see above.
+      state_layout: ``"compact"`` or ``"dense"``, see above.
+      max_density: the largest density the run will use, to size compact buffers
+        when ``density`` is traced or injected (must be a static number).
+      seed: seed of ``criterion="random"``.
+      selection_method: ``"bisection"`` (default), ``"sort"`` or ``"top_k"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+    """
+    selector = _Selector(
+        density,
+        mask_interval,
+        scope,
+        block_size,
+        criterion,
+        labels,
+        seed,
+        selection_method,
+        max_density,
+    )
+    _checks.check_choice("refresh_policy", refresh_policy, REFRESH_POLICIES)
+    _checks.check_choice("state_layout", state_layout, LAYOUTS)
+    if state_layout == "compact" and scope == "global":
+        raise ValueError(
+            "scope='global' needs state_layout='dense' (a global threshold gives each "
+            "leaf a different, unbounded share of k)"
+        )
+    if not isinstance(inner, optax.GradientTransformation):
+        raise ValueError(f"`inner` must be an optax.GradientTransformation, got {inner!r}")
+    inner = optax.with_extra_args_support(inner)
+    compact = state_layout == "compact"
+    # Without padding slots (fixed density) the scatter indices are unique.
+    unique = isinstance(density, (int, float)) and max_density is None
+
+    def leaf_plans(params):
+        return [_CompactLeaf(tuple(p.shape), selector, unique) for p in jax.tree.leaves(params)]
+
+    def init_fn(params):
+        labels_tree = label_params(params, selector.labels)
+        leaves, treedef = jax.tree.flatten(params)
+        plans = leaf_plans(params)
+        sparse = _split(params, labels_tree, SPARSE)
+        dense = _split(params, labels_tree, DENSE)
+        if compact:
+            sel = [(i, plans[i].empty_indices()) for i, _ in sparse]
+            vecs = [(i, jnp.zeros((plans[i].size,), p.dtype)) for i, p in sparse]
+        else:
+            sel = [(i, jnp.zeros(p.shape, bool)) for i, p in sparse]
+            vecs = [(i, jnp.zeros(p.shape, p.dtype)) for i, p in sparse]
+        n = len(leaves)
+        return SparseUpdateState(
+            sparse_step=jnp.zeros([], jnp.int32),
+            sparse_density=jnp.zeros([], jnp.float32),
+            selected=_subtree(treedef, n, sel),
+            sparse_inner_state=inner.init(_subtree(treedef, n, vecs)),
+            dense_inner_state=inner.init(_subtree(treedef, n, dense)),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        _require_params(params, "sparse_update")
+        labels_tree = label_params(params, selector.labels)
+        leaves, treedef = jax.tree.flatten(params)
+        n = len(leaves)
+        plans = leaf_plans(params)
+        sparse = _split(params, labels_tree, SPARSE)
+        sparse_pos = [i for i, _ in sparse]
+        flat_updates = treedef.flatten_up_to(updates)
+        flat_sel = treedef.flatten_up_to(state.selected)
+        step = state.sparse_step
+        refresh, density = selector.refresh_decision(step, state.sparse_density)
+
+        def vec_tree(items):
+            return _subtree(treedef, n, items)
+
+        def do_refresh(operand):
+            old_sel, inner_state = operand
+            masks = selector.masks([x for _, x in sparse], density, step)
+            if compact:
+                new = [plans[i].indices_from_mask(m) for i, m in zip(sparse_pos, masks)]
+            else:
+                new = masks
+            new_sel = vec_tree(list(zip(sparse_pos, new)))
+            if refresh_policy == "reset":
+                zeros = [
+                    (i, jnp.zeros((plans[i].size,) if compact else x.shape, x.dtype))
+                    for i, x in sparse
+                ]
+                inner_state = inner.init(vec_tree(zeros))
+            else:
+                inner_state = _carry_over(old_sel, new_sel, inner_state)
+            return new_sel, inner_state
+
+        def _carry_over(old_sel, new_sel, inner_state):
+            old_flat = treedef.flatten_up_to(old_sel)
+            new_flat = treedef.flatten_up_to(new_sel)
+
+            def move(value, i):
+                if compact:
+                    return plans[i].carry_over(value, old_flat[i], new_flat[i])
+                keep = old_flat[i] & new_flat[i]
+                return jnp.where(keep, value, jnp.zeros((), value.dtype))
+
+            positions = vec_tree([(i, i) for i in sparse_pos])
+            try:
+                return optax.tree_utils.tree_map_params(inner, move, inner_state, positions)
+            except Exception as e:  # pragma: no cover - depends on the inner transformation
+                raise ValueError(
+                    "refresh_policy='keep' needs an inner transformation whose state can be "
+                    "mapped with optax.tree_utils.tree_map_params; use refresh_policy='reset'"
+                ) from e
+
+        selected, sparse_inner_state = jax.lax.cond(
+            refresh,
+            do_refresh,
+            lambda operand: operand,
+            (state.selected, state.sparse_inner_state),
+        )
+        flat_sel = treedef.flatten_up_to(selected)
+
+        # Sparse leaves: gather -> inner -> scatter (compact) or mask -> inner -> mask.
+        if compact:
+            g_vecs = [(i, plans[i].gather(flat_updates[i], flat_sel[i])) for i in sparse_pos]
+            p_vecs = [(i, plans[i].gather(x, flat_sel[i])) for i, x in sparse]
+        else:
+            zero = jnp.zeros((), jnp.float32)
+            g_vecs = [
+                (i, jnp.where(flat_sel[i], flat_updates[i], zero.astype(flat_updates[i].dtype)))
+                for i in sparse_pos
+            ]
+            p_vecs = sparse
+        u_vecs, sparse_inner_state = inner.update(
+            vec_tree(g_vecs), sparse_inner_state, vec_tree(p_vecs), **extra_args
+        )
+        flat_u_vecs = treedef.flatten_up_to(u_vecs)
+
+        dense = _split(params, labels_tree, DENSE)
+        dense_pos = [i for i, _ in dense]
+        u_dense, dense_inner_state = inner.update(
+            vec_tree([(i, flat_updates[i]) for i in dense_pos]),
+            state.dense_inner_state,
+            vec_tree(dense),
+            **extra_args,
+        )
+        flat_u_dense = treedef.flatten_up_to(u_dense)
+
+        out = []
+        flat_labels = treedef.flatten_up_to(labels_tree)
+        for i, (u, lab) in enumerate(zip(flat_updates, flat_labels)):
+            if lab == SPARSE:
+                if compact:
+                    out.append(plans[i].scatter(flat_u_vecs[i], flat_sel[i], u.dtype))
+                else:
+                    out.append(jnp.where(flat_sel[i], flat_u_vecs[i], 0).astype(u.dtype))
+            elif lab == DENSE:
+                out.append(flat_u_dense[i].astype(u.dtype))
+            else:
+                assert lab == FROZEN
+                out.append(_zero_update(u))
+
+        new_state = SparseUpdateState(
+            sparse_step=optax.safe_int32_increment(step),
+            sparse_density=density,
+            selected=selected,
+            sparse_inner_state=sparse_inner_state,
+            dense_inner_state=dense_inner_state,
+        )
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
