@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "CRITERIA",
@@ -84,6 +85,20 @@ def num_selected(n: int, density: jax.typing.ArrayLike) -> jax.Array:
         return jnp.zeros((), jnp.int32)
     k = jnp.floor(jnp.asarray(density, jnp.float32) * jnp.float32(n) + 0.5)
     return jnp.clip(k, 1, n).astype(jnp.int32)
+
+
+def num_selected_static(n: int, density: float) -> int:
+    """:func:`num_selected` for a static density, as a Python int (same float32 rule).
+
+    Example:
+      >>> import nanoadam_jax as nanoadam
+      >>> nanoadam.selection.num_selected_static(1000, 0.1)
+      100
+    """
+    if n == 0:
+        return 0
+    k = np.floor(np.float32(density) * np.float32(n) + np.float32(0.5))
+    return int(min(max(k, 1), n))
 
 
 def selection_keys(
@@ -205,10 +220,9 @@ def bottom_k_mask(keys: jax.Array, k: jax.Array, method: str = "bisection") -> j
         )
         return ranks < k[:, None]
     if method == "top_k":
-        try:
-            kk = int(jax.core.concrete_or_error(None, k[0] if k.ndim else k))
-        except jax.errors.ConcretizationTypeError as e:
-            raise ValueError("method='top_k' needs a concrete (non-traced) density") from e
+        if isinstance(k, jax.core.Tracer):
+            raise ValueError("method='top_k' needs a concrete (non-traced) density")
+        kk = int(k[0] if k.ndim else k)
         if kk == 0:
             return jnp.zeros(keys.shape, bool)
         # Larger value = smaller key; lax.top_k returns the lower index first on ties.
