@@ -29,6 +29,8 @@ def nanoadam(
     refresh_policy: str = "reset",
     state_layout: str = "compact",
     max_density: float | None = None,
+    moment_dtype: Any | None = None,
+    narrow_indices: bool = True,
     seed: int = 0,
     selection_method: str = "bisection",
 ) -> optax.GradientTransformationExtraArgs:
@@ -64,7 +66,8 @@ def nanoadam(
       b1, b2, eps: Adam's hyperparameters.
       mu_dtype: dtype of the first moment (as in ``optax.adam``).
       scope, block_size, criterion, labels, refresh_policy, state_layout,
-      max_density, seed, selection_method: see :func:`~nanoadam_jax.sparse_update`.
+      max_density, moment_dtype, narrow_indices, seed, selection_method: see
+        :func:`~nanoadam_jax.sparse_update`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -82,6 +85,8 @@ def nanoadam(
             refresh_policy=refresh_policy,
             state_layout=state_layout,
             max_density=max_density,
+            moment_dtype=moment_dtype,
+            narrow_indices=narrow_indices,
             seed=seed,
             selection_method=selection_method,
         ),
@@ -106,6 +111,8 @@ def nanoadamw(
     refresh_policy: str = "reset",
     state_layout: str = "compact",
     max_density: float | None = None,
+    moment_dtype: Any | None = None,
+    narrow_indices: bool = True,
     seed: int = 0,
     selection_method: str = "bisection",
 ) -> optax.GradientTransformationExtraArgs:
@@ -129,7 +136,8 @@ def nanoadamw(
       learning_rate, density, mask_interval, b1, b2, eps, mu_dtype: see :func:`nanoadam`.
       weight_decay: decoupled weight decay rate (non-negative float).
       scope, block_size, criterion, labels, refresh_policy, state_layout,
-      max_density, seed, selection_method: see :func:`~nanoadam_jax.sparse_update`.
+      max_density, moment_dtype, narrow_indices, seed, selection_method: see
+        :func:`~nanoadam_jax.sparse_update`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -157,6 +165,8 @@ def nanoadamw(
             refresh_policy=refresh_policy,
             state_layout=state_layout,
             max_density=max_density,
+            moment_dtype=moment_dtype,
+            narrow_indices=narrow_indices,
             seed=seed,
             selection_method=selection_method,
         ),

@@ -49,6 +49,7 @@ __all__ = [
 
 #: Accepted values of ``refresh_policy`` (what happens to the inner state at a refresh).
 REFRESH_POLICIES = ("reset", "keep")
+_INT32_MAX = 2**31 - 1
 #: Block length of ``scope="block"`` when ``block_size`` is None.
 DEFAULT_BLOCK_SIZE = 4096
 #: Accepted values of ``state_layout``.
@@ -447,30 +448,40 @@ def masked_apply(
 class _CompactLeaf:
     """Gather/scatter between a leaf and its ``(rows, k_max)`` compact buffer."""
 
-    def __init__(self, shape: tuple[int, ...], selector: _Selector, unique: bool):
+    def __init__(self, shape: tuple[int, ...], selector: _Selector, unique: bool, narrow: bool):
         self.shape = shape
         self.n = int(np.prod(shape)) if shape else 1
         self.rows, self.cols, self.kmax = selector.layout(self.n)
         self.unique = unique
+        # Column indices run up to ``cols`` (the padding sentinel).
+        self.index_dtype = jnp.uint16 if narrow and self.cols <= 0xFFFF else jnp.int32
+
+    def check(self, path: str) -> None:
+        if self.cols > _INT32_MAX:
+            raise ValueError(
+                f"the leaf at {path} has {self.n} entries, more than int32 indices can address "
+                "with scope='leaf'; use scope='block' (block-local indices) for leaves above "
+                "2**31 - 1 entries"
+            )
 
     @property
     def size(self) -> int:
         return self.rows * self.kmax
 
     def empty_indices(self) -> jax.Array:
-        return jnp.full((self.rows, self.kmax), self.cols, jnp.int32)
+        return jnp.full((self.rows, self.kmax), self.cols, self.index_dtype)
 
     def indices_from_mask(self, mask: jax.Array) -> jax.Array:
         flat = mask.reshape(-1)
         if self.rows == 1:
             (idx,) = jnp.nonzero(flat, size=self.kmax, fill_value=self.cols)
-            return idx.astype(jnp.int32)[None]
+            return idx.astype(self.index_dtype)[None]
         m2 = selection._as_rows(flat, self.cols, jnp.bool_(False))
 
         def row(m):
             return jnp.nonzero(m, size=self.kmax, fill_value=self.cols)[0]
 
-        return jax.vmap(row)(m2).astype(jnp.int32)
+        return jax.vmap(row)(m2).astype(self.index_dtype)
 
     def gather(self, x: jax.Array, idx: jax.Array) -> jax.Array:
         flat = x.reshape(-1)
@@ -529,6 +540,8 @@ def sparse_update(
     refresh_policy: str = "reset",
     state_layout: str = "compact",
     max_density: float | None = None,
+    moment_dtype: Any | None = None,
+    narrow_indices: bool = True,
     seed: int = 0,
     selection_method: str = "bisection",
 ) -> optax.GradientTransformationExtraArgs:
@@ -595,6 +608,12 @@ def sparse_update(
       state_layout: ``"compact"`` or ``"dense"``, see above.
       max_density: the largest density the run will use, to size compact buffers
         when ``density`` is traced or injected (must be a static number).
+      moment_dtype: if set (e.g. ``jnp.bfloat16``, the paper's memory model), the
+        inner state's floating-point arrays are stored in this dtype between steps;
+        the inner transformation still computes in (at least) float32.
+      narrow_indices: store compact positions as ``uint16`` when they fit (leaves or
+        blocks of at most 65535 entries; e.g. ``scope="block"``, ``block_size=4096``),
+        else ``int32``. Leaves of ``2**31`` entries or more need ``scope="block"``.
       seed: seed of ``criterion="random"``.
       selection_method: ``"bisection"`` (default), ``"sort"`` or ``"top_k"``.
 
@@ -623,11 +642,45 @@ def sparse_update(
         raise ValueError(f"`inner` must be an optax.GradientTransformation, got {inner!r}")
     inner = optax.with_extra_args_support(inner)
     compact = state_layout == "compact"
+    if moment_dtype is not None:
+        moment_dtype = jnp.dtype(moment_dtype)
+        if not jnp.issubdtype(moment_dtype, jnp.floating):
+            raise ValueError(f"`moment_dtype` must be a floating dtype, got {moment_dtype}")
+
+    def store(inner_state):
+        """Cast the inner state's float arrays to ``moment_dtype`` for storage."""
+        if moment_dtype is None:
+            return inner_state
+        return jax.tree.map(
+            lambda x: (
+                x.astype(moment_dtype)
+                if jnp.ndim(x) and jnp.issubdtype(x.dtype, jnp.floating)
+                else x
+            ),
+            inner_state,
+        )
+
+    def load(inner_state):
+        """Upcast stored low-precision moments to float32 for the inner update."""
+        if moment_dtype is None:
+            return inner_state
+        return jax.tree.map(
+            lambda x: (
+                x.astype(jnp.promote_types(x.dtype, jnp.float32))
+                if jnp.ndim(x) and jnp.issubdtype(x.dtype, jnp.floating)
+                else x
+            ),
+            inner_state,
+        )
+
     # Without padding slots (fixed density) the scatter indices are unique.
     unique = isinstance(density, (int, float)) and max_density is None
 
     def leaf_plans(params):
-        return [_CompactLeaf(tuple(p.shape), selector, unique) for p in jax.tree.leaves(params)]
+        return [
+            _CompactLeaf(tuple(p.shape), selector, unique, narrow_indices)
+            for p in jax.tree.leaves(params)
+        ]
 
     def init_fn(params):
         labels_tree = label_params(params, selector.labels)
@@ -636,6 +689,11 @@ def sparse_update(
         sparse = _split(params, labels_tree, SPARSE)
         dense = _split(params, labels_tree, DENSE)
         if compact:
+            paths = [
+                jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
+            ]
+            for i, _ in sparse:
+                plans[i].check(paths[i])
             sel = [(i, plans[i].empty_indices()) for i, _ in sparse]
             vecs = [(i, jnp.zeros((plans[i].size,), p.dtype)) for i, p in sparse]
         else:
@@ -646,8 +704,8 @@ def sparse_update(
             sparse_step=jnp.zeros([], jnp.int32),
             sparse_density=jnp.zeros([], jnp.float32),
             selected=_subtree(treedef, n, sel),
-            sparse_inner_state=inner.init(_subtree(treedef, n, vecs)),
-            dense_inner_state=inner.init(_subtree(treedef, n, dense)),
+            sparse_inner_state=store(inner.init(_subtree(treedef, n, vecs))),
+            dense_inner_state=store(inner.init(_subtree(treedef, n, dense))),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -707,7 +765,7 @@ def sparse_update(
             refresh,
             do_refresh,
             lambda operand: operand,
-            (state.selected, state.sparse_inner_state),
+            (state.selected, load(state.sparse_inner_state)),
         )
         flat_sel = treedef.flatten_up_to(selected)
 
@@ -731,7 +789,7 @@ def sparse_update(
         dense_pos = [i for i, _ in dense]
         u_dense, dense_inner_state = inner.update(
             vec_tree([(i, flat_updates[i]) for i in dense_pos]),
-            state.dense_inner_state,
+            load(state.dense_inner_state),
             vec_tree(dense),
             **extra_args,
         )
@@ -755,8 +813,8 @@ def sparse_update(
             sparse_step=optax.safe_int32_increment(step),
             sparse_density=density,
             selected=selected,
-            sparse_inner_state=sparse_inner_state,
-            dense_inner_state=dense_inner_state,
+            sparse_inner_state=store(sparse_inner_state),
+            dense_inner_state=store(dense_inner_state),
         )
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
