@@ -150,8 +150,8 @@ def label_params(params: Any, labels: Labels = None) -> Any:
         if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
             raise ValueError(
                 f"complex parameters are not supported (leaf at {jax.tree_util.keystr(path)} "
-                f"has dtype {leaf.dtype}); label it 'frozen' only after splitting it into "
-                "real and imaginary parts, or exclude it from the optimizer"
+                f"has dtype {leaf.dtype}), whatever their label: split them into real and "
+                "imaginary parts, or keep them out of the optimizer (e.g. optax.masked)"
             )
     # Non-float leaves are never updated, whatever the predicate said.
     out = [
@@ -173,10 +173,9 @@ def _num_positional(fn: Callable[..., Any]) -> int:
 
 
 def _flatten_labels(tree: Any, treedef: Any) -> list[Any]:
-    leaves = jax.tree_util.tree_leaves(tree)
-    if len(leaves) != treedef.num_leaves:
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
         raise ValueError(
-            f"the `labels` tree has {len(leaves)} leaves but the parameters have "
-            f"{treedef.num_leaves}; it must have the structure of the parameters"
-        )
-    return leaves
+            f"the `labels` tree must have the structure of the parameters ({treedef}); {e}"
+        ) from e

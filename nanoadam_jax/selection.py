@@ -65,7 +65,9 @@ def num_selected(n: int, density: jax.typing.ArrayLike) -> jax.Array:
     ``k = clip(round_half_up(density * n), 1, n)`` for ``n > 0`` and ``k = 0`` for an
     empty leaf. Every non-empty leaf therefore trains at least one entry, and a leaf
     smaller than ``1 / density`` trains exactly one. The product is computed in
-    float32 (``n`` above ``2**24`` may round ``k`` by a few entries).
+    float32 (``n`` above ``2**24`` may round ``k`` by a few entries). A traced density
+    cannot be checked: values ``<= 0`` give ``k = 1``, values ``>= 1`` give ``k = n``,
+    and NaN gives ``k = 0`` (nothing trains).
 
     Works with a traced ``density`` (for example under ``jax.vmap``).
 
@@ -83,8 +85,10 @@ def num_selected(n: int, density: jax.typing.ArrayLike) -> jax.Array:
     """
     if n == 0:
         return jnp.zeros((), jnp.int32)
-    k = jnp.floor(jnp.asarray(density, jnp.float32) * jnp.float32(n) + 0.5)
-    return jnp.clip(k, 1, n).astype(jnp.int32)
+    density = jnp.asarray(density, jnp.float32)
+    k = jnp.clip(jnp.floor(density * jnp.float32(n) + 0.5), 1, n)
+    # A (traced) NaN density selects nothing, explicitly rather than by int conversion.
+    return jnp.where(jnp.isnan(density), 0, k).astype(jnp.int32)
 
 
 def num_selected_static(n: int, density: float) -> int:
@@ -206,7 +210,8 @@ def bottom_k_mask(keys: jax.Array, k: jax.Array, method: str = "bisection") -> j
     Returns:
       A bool array shaped like ``keys``.
     """
-    k = jnp.asarray(k, jnp.int32)
+    if method != "top_k":
+        k = jnp.asarray(k, jnp.int32)
     if method == "bisection":
         t = kth_smallest_key(keys, k)
         need = k - jnp.sum(keys < t[:, None], axis=1, dtype=jnp.int32)
@@ -222,13 +227,16 @@ def bottom_k_mask(keys: jax.Array, k: jax.Array, method: str = "bisection") -> j
     if method == "top_k":
         if isinstance(k, jax.core.Tracer):
             raise ValueError("method='top_k' needs a concrete (non-traced) density")
-        kk = int(k[0] if k.ndim else k)
+        k_rows = np.broadcast_to(np.asarray(k, np.int32).reshape(-1), (keys.shape[0],))
+        kk = int(k_rows.max(initial=0))
         if kk == 0:
             return jnp.zeros(keys.shape, bool)
         # Larger value = smaller key; lax.top_k returns the lower index first on ties.
+        # Rows may need different k (a short last block): keep the first k[r] of row r.
         _, idx = jax.lax.top_k(_MAX_KEY - keys, kk)
+        keep = np.arange(kk)[None, :] < k_rows[:, None]
         rows = jnp.arange(keys.shape[0])[:, None]
-        return jnp.zeros(keys.shape, bool).at[rows, idx].set(True)
+        return jnp.zeros(keys.shape, bool).at[rows, idx].set(jnp.asarray(keep))
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -318,7 +326,17 @@ def select_mask(
     keys = selection_keys(x.reshape(-1), criterion, key)
     _, cols = block_layout(n, scope, block_size)
     keys2 = _as_rows(keys, cols, _MAX_KEY)
-    k = rows_selected(n, density, scope, block_size)
+    if isinstance(density, (int, float)) and not isinstance(density, bool):
+        # A static density gives a static k (numpy), usable by method="top_k" under jit.
+        rows, _ = block_layout(n, scope, block_size)
+        last = n - (rows - 1) * cols
+        k = np.array(
+            [num_selected_static(cols if rows > 1 else n, density)] * (rows - 1)
+            + [num_selected_static(last, density)],
+            np.int32,
+        )
+    else:
+        k = rows_selected(n, density, scope, block_size)
     mask = bottom_k_mask(keys2, k, method)
     return mask.reshape(-1)[:n].reshape(x.shape)
 

@@ -152,6 +152,13 @@ class _Selector:
         ):
             raise ValueError(f"`seed` must be an integer, got {seed!r}")
 
+        static = isinstance(density, (int, float)) and not isinstance(density, bool)
+        self.static_density = float(density) if static else None
+        if method == "top_k" and not static:
+            raise ValueError(
+                "`selection_method`='top_k' needs a fixed Python-number `density` (its k must "
+                "be static); use 'bisection' or 'sort' with a schedule or a traced density"
+            )
         if callable(density):
             self.density_fn = lambda step: jnp.asarray(density(step), jnp.float32)
             static_max = getattr(density, "max_density", None)
@@ -185,6 +192,9 @@ class _Selector:
     def refresh_decision(self, step: jax.Array, current: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(refresh?, density now)`` for the step about to be taken."""
         density = self.density_fn(step)
+        if self.max_density is not None:
+            # Compact buffers hold num_selected(n, max_density) entries: never select more.
+            density = jnp.minimum(density, jnp.float32(self.max_density))
         refresh = (step % self.mask_interval == 0) | (density != current)
         return refresh, density
 
@@ -198,6 +208,8 @@ class _Selector:
     def masks(self, leaves: list[jax.Array], density: jax.Array, step: jax.Array) -> list:
         """Bool masks for the sparse leaves (in order)."""
         key = self.key(step)
+        if self.static_density is not None:
+            density = self.static_density
         if self.scope == "global":
             return selection.select_global_masks(leaves, density, criterion=self.criterion, key=key)
         return [
@@ -235,6 +247,12 @@ def _check_schedule(schedule: Callable[[Any], Any]) -> None:
             raise ValueError(
                 f"the `density` schedule must return a scalar in (0, 1]; at step {step} it "
                 f"returned {value!r}"
+            )
+        static_max = getattr(schedule, "max_density", None)
+        if static_max is not None and float(arr) > np.float32(static_max):
+            raise ValueError(
+                f"the `density` schedule returned {float(arr)} at step {step}, above its "
+                f"`max_density` attribute {static_max} (which sizes the compact buffers)"
             )
 
 
@@ -584,7 +602,15 @@ def sparse_update(
     * ``"dense"``: full-size inner state and bool masks (for research that needs
       full-size moments; also the only layout for ``scope="global"``).
 
-    Both layouts produce the same updates.
+    Both layouts produce the same updates (equal up to float rounding: XLA may
+    vectorise the same element-wise arithmetic differently for different lengths).
+
+    **Traced densities** (``jax.vmap``, ``optax.inject_hyperparams``) cannot be
+    checked at construction: the count follows :func:`~nanoadam_jax.num_selected`
+    (``<= 0`` trains one entry per leaf, ``>= 1`` all, NaN none), and with
+    ``max_density`` set a larger density is capped at ``max_density``, because the
+    compact buffers cannot hold more (both layouts cap the same way). Schedules are
+    probed eagerly at steps 0, 1, 10, ..., 10**6 at construction.
 
     Example:
       >>> import jax.numpy as jnp, optax, nanoadam_jax as nanoadam
@@ -737,7 +763,10 @@ def sparse_update(
                     (i, jnp.zeros((plans[i].size,) if compact else x.shape, x.dtype))
                     for i, x in sparse
                 ]
-                inner_state = inner.init(vec_tree(zeros))
+                fresh = inner.init(vec_tree(zeros))
+                # Keep the running state's dtypes (optax may have promoted them, e.g. bf16
+                # params with f32 gradients): both lax.cond branches must agree.
+                inner_state = jax.tree.map(lambda f, o: f.astype(o.dtype), fresh, inner_state)
             else:
                 inner_state = _carry_over(old_sel, new_sel, inner_state)
             return new_sel, inner_state
