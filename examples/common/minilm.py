@@ -199,7 +199,7 @@ class MiniLMEncoder(nnx.Module):
         *,
         normalize: bool = False,
     ) -> jax.Array:
-        """Sentence embedding ``(B, hidden_size)``: masked mean pooling, optionally L2-normalised."""
+        """Sentence embedding ``(B, hidden)``: masked mean pooling, optionally L2-normalised."""
         pooled = mean_pool(self(input_ids, attention_mask, token_type_ids), attention_mask)
         if normalize:
             pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
@@ -209,9 +209,7 @@ class MiniLMEncoder(nnx.Module):
 class MiniLMClassifier(nnx.Module):
     """Sentence classifier: :class:`MiniLMEncoder`, mean pooling and a new linear ``head``."""
 
-    def __init__(
-        self, num_classes: int, config: MiniLMConfig | None = None, *, rngs: nnx.Rngs
-    ):
+    def __init__(self, num_classes: int, config: MiniLMConfig | None = None, *, rngs: nnx.Rngs):
         self.encoder = MiniLMEncoder(config, rngs=rngs)
         self.head = nnx.Linear(
             self.encoder.config.hidden_size,
@@ -233,7 +231,7 @@ class MiniLMClassifier(nnx.Module):
         seed: int = 0,
         weights_path: str | Path | None = None,
     ) -> MiniLMClassifier:
-        """Pretrained encoder (first ``num_layers`` layers) + randomly initialised head (``seed``)."""
+        """Pretrained encoder (first ``num_layers`` layers) + new head initialised from ``seed``."""
         model = cls(num_classes, MiniLMConfig(num_layers=num_layers), rngs=nnx.Rngs(seed))
         load_pretrained_weights(model.encoder, weights_path)
         return model
@@ -299,9 +297,7 @@ def torch_to_nnx_weights(
     return out, sorted(unused)
 
 
-def load_pretrained_weights(
-    encoder: MiniLMEncoder, path: str | Path | None = None
-) -> list[str]:
+def load_pretrained_weights(encoder: MiniLMEncoder, path: str | Path | None = None) -> list[str]:
     """Load all-MiniLM-L6-v2 safetensors weights into ``encoder`` in place.
 
     Every parameter of ``encoder`` must receive a checkpoint tensor of the same shape (a

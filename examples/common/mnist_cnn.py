@@ -146,7 +146,7 @@ def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     with zipfile.ZipFile(path) as archive:
         pkl_names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pkl_names) != 1:
-            raise ValueError(f"{path} is not a torch zip checkpoint (data.pkl entries: {pkl_names})")
+            raise ValueError(f"{path} is not a torch zip checkpoint (data.pkl: {pkl_names})")
         pkl_name = pkl_names[0]
         prefix = pkl_name[: -len("/data.pkl")] if "/" in pkl_name else ""
         byteorder = "little"
