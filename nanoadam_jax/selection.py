@@ -395,3 +395,61 @@ def select_global_masks(
         masks.append(((kk < t) | (equal & (rank <= need))).reshape(x.shape))
         need = need - jnp.sum(equal, dtype=jnp.int32)
     return masks
+
+
+def _chunk_size() -> int:
+    """Entries per chunk of :func:`leaf_bottom_k_indices` (its scratch memory)."""
+    return 1 << 16 if jax.default_backend() == "cpu" else 1 << 22
+
+
+def leaf_bottom_k_indices(x: jax.Array, k: jax.Array, kmax: int, fill: int) -> jax.Array:
+    """Sorted flat positions of the ``k`` smallest ``|x|`` (ties by index), padded to ``kmax``.
+
+    The same set as ``nonzero(select_mask(x, density), size=kmax, fill_value=fill)`` for
+    ``criterion="smallest"``, ``method="bisection"``, ``scope="leaf"``, with bounded scratch
+    memory: the keys are recomputed from ``x`` inside every bisection pass (never stored),
+    and the positions are extracted one chunk at a time (a running offset and a running
+    count of ties), so no ``n``-sized key, mask, rank or cumsum buffer is ever live.
+    """
+    flat = x.reshape(-1)
+    n = flat.shape[0]
+    if n == 0:
+        return jnp.full((kmax,), fill, jnp.int32)
+    k = jnp.asarray(k, jnp.int32)
+
+    def keys_of(v):
+        return selection_keys(v, "smallest")
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(keys_of(flat) <= mid, dtype=jnp.int32) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    t, _ = jax.lax.fori_loop(0, 32, body, (jnp.uint32(0), _MAX_KEY))
+    need = k - jnp.sum(keys_of(flat) < t, dtype=jnp.int32)
+
+    c = min(_chunk_size(), n)
+    n_chunks = -(-n // c)
+    pad = n_chunks * c - n
+    xp = jnp.concatenate([flat, jnp.zeros((pad,), flat.dtype)]) if pad else flat
+    offsets = jnp.arange(c, dtype=jnp.int32)
+
+    def chunk(i, carry):
+        out, filled, ties_seen = carry
+        start = i * c
+        kc = keys_of(jax.lax.dynamic_slice(xp, (start,), (c,)))
+        valid = start + offsets < n
+        below = (kc < t) & valid
+        tie = (kc == t) & valid
+        rank = ties_seen + jnp.cumsum(tie, dtype=jnp.int32)
+        take = below | (tie & (rank <= need))
+        (pos,) = jnp.nonzero(take, size=c, fill_value=-1)
+        pos = jnp.where(pos >= 0, pos + start, fill).astype(jnp.int32)
+        out = jax.lax.dynamic_update_slice(out, pos, (filled,))
+        filled = filled + jnp.sum(take, dtype=jnp.int32)
+        return out, filled, ties_seen + jnp.sum(tie, dtype=jnp.int32)
+
+    out = jnp.full((kmax + c,), fill, jnp.int32)
+    out, _, _ = jax.lax.fori_loop(0, n_chunks, chunk, (out, jnp.int32(0), jnp.int32(0)))
+    return out[:kmax]

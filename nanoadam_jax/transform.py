@@ -186,6 +186,8 @@ class _Selector:
         self.labels = labels
         self.seed = seed
         self.method = method
+        # The bounded-memory refresh path of sparse_update (same selection rule).
+        self.lean = scope == "leaf" and criterion == "smallest" and method == "bisection"
 
     # -- refresh decision ---------------------------------------------------------------
 
@@ -463,6 +465,22 @@ def masked_apply(
 # --------------------------------------------------------------------------------------
 
 
+def _late_zeros(shape: tuple[int, ...], values: jax.Array) -> jax.Array:
+    """Zeros that XLA cannot materialise before ``values`` exist.
+
+    ``jnp.zeros`` buffers of all leaves are otherwise CSE'd into one broadcast whose
+    per-leaf copies (the scatter operands) are scheduled at the start of the step and stay
+    live through the whole forward/backward pass (+1x the sparse parameters in temp
+    memory). The scalar is always +0.0, but derived from the values; XLA does not fold
+    ``x * 0`` for floats. (``optimization_barrier`` does not help: XLA:CPU expands it.)
+    """
+    if values.size == 0:
+        return jnp.zeros(shape, values.dtype)
+    v0 = values.reshape(-1)[0]
+    zero = jnp.abs(jnp.where(jnp.isfinite(v0), v0, jnp.zeros((), v0.dtype)) * 0)
+    return jnp.broadcast_to(zero, shape)
+
+
 class _CompactLeaf:
     """Gather/scatter between a leaf and its ``(rows, k_max)`` compact buffer."""
 
@@ -512,7 +530,7 @@ class _CompactLeaf:
         values = values.astype(dtype)
         if self.rows == 1:
             out = (
-                jnp.zeros((self.n,), dtype)
+                _late_zeros((self.n,), values)
                 .at[idx[0]]
                 .set(values, mode="drop", indices_are_sorted=True, unique_indices=self.unique)
             )
@@ -752,11 +770,24 @@ def sparse_update(
 
         def do_refresh(operand):
             old_sel, inner_state = operand
-            masks = selector.masks([x for _, x in sparse], density, step)
-            if compact:
-                new = [plans[i].indices_from_mask(m) for i, m in zip(sparse_pos, masks)]
+            if compact and selector.lean:
+                # One leaf after the other (each leaf waits for the previous leaf's
+                # indices), each with bounded scratch: the refresh needs the scratch of
+                # one chunk, not n-sized keys, masks and cumsums of every leaf at once.
+                new, prev = [], None
+                for i, x in sparse:
+                    if prev is not None:
+                        x, _ = jax.lax.optimization_barrier((x, prev))
+                    k = selection.num_selected(plans[i].n, density)
+                    idx = selection.leaf_bottom_k_indices(x, k, plans[i].kmax, plans[i].cols)
+                    prev = idx.astype(plans[i].index_dtype)[None]
+                    new.append(prev)
             else:
-                new = masks
+                masks = selector.masks([x for _, x in sparse], density, step)
+                if compact:
+                    new = [plans[i].indices_from_mask(m) for i, m in zip(sparse_pos, masks)]
+                else:
+                    new = masks
             new_sel = vec_tree(list(zip(sparse_pos, new)))
             if refresh_policy == "reset":
                 zeros = [
