@@ -1,0 +1,257 @@
+"""Run the nanoadam-jax benchmark suite and write ``results.json`` and ``results.md``.
+
+Usage::
+
+    python benchmarks/run.py                 # full suite -> benchmarks/results/
+    python benchmarks/run.py --quick         # < 1 minute -> benchmarks/results/quick/
+    python benchmarks/run.py --out DIR --sections update,memory
+
+Both files carry the machine (platform, CPUs, backend and device kind), the jax, jaxlib,
+optax and flax versions, the library's git revision and the date. The markdown file starts
+with the key ratios and their targets (issue 3), then one table per section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import (  # noqa: E402
+    _compat,
+    bench_gpu,
+    bench_memory,
+    bench_selection,
+    bench_update,
+    common,
+)
+
+SECTIONS = {
+    "update": bench_update,
+    "selection": bench_selection,
+    "memory": bench_memory,
+    "gpu": bench_gpu,
+}
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+DEFAULT_QUICK_OUT = DEFAULT_OUT / "quick"
+
+# Targets of issue 3.
+UPDATE_TARGET = 0.6
+PEAK_TARGET = 0.62
+PEAK_MIN_PARAMS = 300_000_000
+TARGET_DENSITY = 0.1
+
+
+def git_revision() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+
+    try:
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "library_dirty": bool(git("status", "--porcelain", "--", "nanoadam_jax")),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "library_dirty": None}
+
+
+def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def summarize(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's key ratios, each with its target (if any) and whether it is met."""
+    out: list[dict[str, Any]] = []
+    nano = f"nanoadam d={TARGET_DENSITY:g}"
+
+    def add(name, value, target=None, where="", note="", tol=0.0):
+        met = None if target is None or value is None else bool(value <= target * (1 + tol))
+        out.append(
+            {"name": name, "value": value, "target": target, "met": met, "where": where}
+            | ({"note": note} if note else {})
+        )
+
+    rows = sections.get("update", {}).get("rows", [])
+    if rows:
+        biggest = max(r["n_params"] for r in rows)
+        wanted = _find(rows, size="25M", optimizer=nano)
+        row = wanted or _find(rows, n_params=biggest, optimizer=nano)
+        if row:
+            where = f"{row['size']} params, d={TARGET_DENSITY:g}"
+            note = "" if wanted else "the 25M size did not run (quick mode): largest size shown"
+            add("update time nanoadam / adamw", row["ratio_vs_adamw"], UPDATE_TARGET, where, note)
+            add(
+                "state bytes nanoadam / adamw",
+                row["state_ratio_vs_adamw"],
+                row["state_floor"],
+                where,
+                "target: the floor 1.5*d; scalar counters allowed (0.1% tolerance)",
+                tol=1e-3,
+            )
+            add("refresh cost (adamw steps)", row["refresh_cost_adamw_steps"], where=where)
+            add("refresh step / adamw step", row["refresh_step_adamw_steps"], where=where)
+    rows = sections.get("memory", {}).get("rows", [])
+    if rows:
+        big = [r for r in rows if r["n_params"] >= PEAK_MIN_PARAMS]
+        pool = big or rows
+        top = max(r["n_params"] for r in pool)
+        row = _find(pool, n_params=top, optimizer=nano)
+        if row:
+            note = "" if big else "no model of >= 300M parameters ran (quick mode)"
+            where = f"{row['model']} transformer ({row['n_params']:,} params), d={TARGET_DENSITY:g}"
+            add(
+                "peak memory nanoadam / adamw", row["peak_ratio_vs_adamw"], PEAK_TARGET, where, note
+            )
+            add(
+                "state bytes nanoadam / adamw (transformer)",
+                row["state_ratio_vs_adamw"],
+                where=where,
+                note=f"floor 1.5*d = {row['state_floor']:g}; with the dense head and norms "
+                f"{row['model_state_floor']:.3f}",
+            )
+    rows = sections.get("selection", {}).get("rows", [])
+    if rows:
+        n = max(r["n"] for r in rows)
+        for r in rows:
+            if r["n"] == n and r["method"] != "bisection":
+                add(
+                    f"selection {r['label']} / bisection", r["ratio_vs_bisection"], where=f"n={n:,}"
+                )
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"# nanoadam-jax benchmarks ({results['mode']} mode)",
+        "",
+        f"- date: {m['date']}",
+        f"- machine: {m['platform']}; {m['processor']}; {m['cpu_count']} CPUs "
+        f"({m['cpus_available']} available)",
+        f"- backend: {m['backend']}, device kind: {m['device_kind']} x {m['device_count']}",
+        f"- versions: jax {m['jax']}, jaxlib {m['jaxlib']}, optax {m['optax']}, "
+        f"flax {m['flax']}, nanoadam_jax {m['nanoadam_jax']} "
+        f"(commit {str(m['git'].get('commit'))[:12]}"
+        f"{', library modified' if m['git'].get('library_dirty') else ''})",
+        f"- library work-arounds: {'; '.join(m['library_workarounds'])}",
+        f"- total wall time: {results['wall_s']:.0f} s; load average (1, 5, 15 min) at start "
+        f"{m.get('load_average')}, at end {m.get('load_average_end')} on "
+        f"{m['cpus_available']} CPUs",
+        "",
+        "## Key ratios",
+        "",
+        "| quantity | value | target | met | where |",
+        "|---|---|---|---|---|",
+    ]
+    for s in results["summary"]:
+        met = {True: "yes", False: "**no**", None: "-"}[s["met"]]
+        target = "-" if s["target"] is None else f"<= {common.fmt(s['target'])}"
+        where = s["where"] + (f" ({s['note']})" if s.get("note") else "")
+        lines.append(f"| {s['name']} | {common.fmt(s['value'])} | {target} | {met} | {where} |")
+    lines.append("")
+    for name, sec in results["sections"].items():
+        lines += [f"## {sec['title']}", "", sec["description"], ""]
+        lines.append(f"_Section wall time: {sec['wall_s']:.0f} s._")
+        lines.append("")
+        rows = sec["rows"]
+        if name == "gpu":
+            if not rows:
+                lines += [f"No GPU backend (backend: {m['backend']}): nothing measured.", ""]
+                continue
+            for kind, columns in bench_gpu.COLUMNS_BY_KIND.items():
+                sub = [r for r in rows if r.get("kind") == kind]
+                if sub:
+                    lines += [f"### {kind}", "", common.md_table(sub, columns)]
+            continue
+        lines.append(common.md_table(rows, sec["columns"]))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _description(module: Any) -> str:
+    """The module docstring without its title line, Sphinx roles turned into code spans."""
+    doc = (module.__doc__ or "").strip()
+    parts = doc.split("\n\n")
+    text = "\n\n".join(p.strip() for p in parts[1:]) if len(parts) > 1 else doc
+    return re.sub(r":(?:func|mod|class|data):`", "`", text)
+
+
+def run(
+    quick: bool = False, out: str | Path | None = None, sections: list[str] | None = None
+) -> dict[str, Any]:
+    """Run the suite (or some ``sections``), write the files, return the results."""
+    names = sections or list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    out_dir = Path(out) if out is not None else (DEFAULT_QUICK_OUT if quick else DEFAULT_OUT)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workarounds = _compat.apply()
+    machine = common.machine_info() | {"git": git_revision(), "library_workarounds": workarounds}
+    t_all = time.perf_counter()
+    results: dict[str, Any] = {
+        "suite": "nanoadam-jax benchmarks",
+        "mode": "quick" if quick else "full",
+        "machine": machine,
+        "sections": {},
+    }
+    for name in names:
+        module = SECTIONS[name]
+        print(f"[benchmarks] {name}: {module.TITLE}", flush=True)
+        t0 = time.perf_counter()
+        rows = module.run(quick=quick)
+        results["sections"][name] = {
+            "title": module.TITLE,
+            "description": _description(module),
+            "columns": [list(c) for c in module.COLUMNS],
+            "rows": rows,
+            "wall_s": time.perf_counter() - t0,
+        }
+        wall = results["sections"][name]["wall_s"]
+        print(f"[benchmarks] {name}: {len(rows)} rows in {wall:.0f} s", flush=True)
+    results["wall_s"] = time.perf_counter() - t_all
+    machine["load_average_end"] = common.load_average()
+    results["summary"] = summarize(results["sections"])
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    (out_dir / "results.md").write_text(markdown(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: benchmarks/results, or benchmarks/results/quick)",
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
+    )
+    args = parser.parse_args(argv)
+    results = run(args.quick, args.out, [s for s in args.sections.split(",") if s])
+    for s in results["summary"]:
+        status = {True: "met", False: "MISSED", None: ""}[s["met"]]
+        target = "" if s["target"] is None else f" (target <= {common.fmt(s['target'])})"
+        print(f"{s['name']}: {common.fmt(s['value'])}{target} {status} [{s['where']}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
