@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from common import assets  # noqa: E402
+from common import assets, cli  # noqa: E402
 from common.minilm import MiniLMClassifier, MiniLMEncoder, MiniLMTokenizer  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -134,13 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def sized(flag: str, key: str, typ, help_: str) -> None:
-        p.add_argument(
-            flag,
-            type=typ,
-            default=None,
-            help=f"{help_} (default: {FULL_DEFAULTS[key]}; with --smoke: {SMOKE_DEFAULTS[key]})",
-        )
+    sized = cli.sized_adder(p, FULL_DEFAULTS, SMOKE_DEFAULTS)
 
     sized("--steps", "steps", int, "sentiment fine-tuning steps per run")
     sized("--batch-size", "batch_size", int, "sentiment training batch size")

@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from common import assets  # noqa: E402
+from common import assets, cli  # noqa: E402
 from common.mnist_cnn import load_mnist_cnn, normalize_images  # noqa: E402
 from continual_vision import ASSET_NAMES, batch_schedule, environment, load_tasks  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -87,13 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def sized(flag: str, key: str, typ, help_: str) -> None:
-        p.add_argument(
-            flag,
-            type=typ,
-            default=None,
-            help=f"{help_} (default: {FULL_DEFAULTS[key]}; with --smoke: {SMOKE_DEFAULTS[key]})",
-        )
+    sized = cli.sized_adder(p, FULL_DEFAULTS, SMOKE_DEFAULTS)
 
     sized("--steps", "steps", int, "training steps")
     sized("--batch-size", "batch_size", int, "training batch size")
