@@ -29,6 +29,7 @@ Numerical conventions (documented and tested):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +149,96 @@ def selection_keys(
     return jnp.where(nan, _MAX_KEY, keys)
 
 
+def _out_sharding(x: jax.Array):
+    """``x``'s sharding while tracing when it is explicit (an ``out_sharding``), else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(p is None for p in spec):
+        return None
+    return sharding
+
+
+def _rows_like(keys: jax.Array, value: int, dtype: Any) -> jax.Array:
+    """A ``(rows,)`` vector sharded like the rows of ``keys`` (under explicit sharding)."""
+    sharding = _out_sharding(keys)
+    if sharding is not None:
+        spec = jax.sharding.PartitionSpec(sharding.spec[0] if len(sharding.spec) else None)
+        sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
+    return jnp.full((keys.shape[0],), value, dtype, device=sharding)
+
+
+def _row_view(v: jax.Array, ndim: int) -> jax.Array:
+    """A per-row value ``(rows,)`` broadcastable against ``(rows, *rest)``."""
+    return v.reshape(v.shape + (1,) * (ndim - 1))
+
+
+def _row_sum(x: jax.Array) -> jax.Array:
+    return jnp.sum(x, axis=tuple(range(1, x.ndim)), dtype=jnp.int32)
+
+
+def _kth_smallest_nd(keys: jax.Array, k: jax.Array) -> jax.Array:
+    """:func:`kth_smallest_key` for keys shaped ``(rows, *rest)`` (no reshape)."""
+    lo = _rows_like(keys, 0, jnp.uint32)
+    hi = _rows_like(keys, 0xFFFFFFFF, jnp.uint32)
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        enough = _row_sum(keys <= _row_view(mid, keys.ndim)) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return lo
+
+
+def _row_index(keys: jax.Array) -> jax.Array:
+    """Row-major position of each entry inside its row of a ``(rows, *rest)`` array.
+
+    Built from iotas (element-wise): partitioned like ``keys``, never gathered.
+    """
+    sharding = _out_sharding(keys)
+    idx = jnp.zeros((), jnp.int32)
+    stride = 1
+    for axis in range(keys.ndim - 1, 0, -1):
+        iota = jax.lax.broadcasted_iota(jnp.int32, keys.shape, axis, out_sharding=sharding)
+        idx = idx + iota * jnp.int32(stride)
+        stride *= keys.shape[axis]
+    return jnp.broadcast_to(idx, keys.shape)
+
+
+def _bottom_k_nd(keys: jax.Array, k: jax.Array) -> jax.Array:
+    """Exactly ``k[r]`` smallest keys in each row of ``(rows, *rest)``; ties by index.
+
+    Only comparisons and reductions over the data: on a sharded ``keys`` each pass
+    costs one all-reduce of ``rows`` counts. Ties at the threshold are cut by a
+    second bisection, on the row-major position, instead of a cumulative sum (a
+    cumsum along a sharded axis is all-gathered by XLA, or refused under explicit
+    sharding). The second bisection runs only when there are surplus ties.
+    """
+    size = int(np.prod(keys.shape[1:]))
+    t = _row_view(_kth_smallest_nd(keys, k), keys.ndim)
+    below = keys < t
+    equal = keys == t
+    need = k - _row_sum(below)
+
+    def cut(_):
+        index = _row_index(keys)
+        lo = _rows_like(keys, 0, jnp.int32)
+        hi = _rows_like(keys, size, jnp.int32)
+
+        def body(_, carry):  # smallest j with count(equal & index < j) >= need
+            lo, hi = carry
+            mid = lo + (hi - lo) // 2
+            enough = _row_sum(equal & (index < _row_view(mid, keys.ndim))) >= need
+            return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+        lo, _ = jax.lax.fori_loop(0, max(1, size.bit_length()), body, (lo, hi))
+        return equal & (index < _row_view(lo, keys.ndim))
+
+    surplus = jnp.any(_row_sum(equal) > need)
+    return below | jax.lax.cond(surplus, cut, lambda _: equal, None)
+
+
 def kth_smallest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
     """Smallest ``t`` with ``count(keys[r] <= t) >= k[r]``, per row, by bisection.
 
@@ -213,9 +304,7 @@ def bottom_k_mask(keys: jax.Array, k: jax.Array, method: str = "bisection") -> j
     if method != "top_k":
         k = jnp.asarray(k, jnp.int32)
     if method == "bisection":
-        t = kth_smallest_key(keys, k)
-        need = k - jnp.sum(keys < t[:, None], axis=1, dtype=jnp.int32)
-        return _ties_by_index(keys, t, need)
+        return _bottom_k_nd(keys, k)
     if method == "sort":
         order = jnp.argsort(keys, axis=1, stable=True)
         ranks = (
@@ -323,6 +412,21 @@ def select_mask(
     n = x.size
     if n == 0:
         return jnp.zeros(x.shape, bool)
+    if method == "bisection" and block_layout(n, scope, block_size)[0] == 1:
+        # One row: select on the leaf's own shape, so a sharded leaf is never relaid out.
+        keys = selection_keys(x, criterion, key)
+        return _bottom_k_nd(keys[None], num_selected(n, density)[None])[0]
+    sharding = _out_sharding(x)
+    if sharding is not None:
+        # Explicit sharding: the block view reshapes the flattened leaf, which explicit mode
+        # only allows for some layouts; let XLA partition it (local when blocks are
+        # shard-aligned, see the sharding guide).
+        def auto(y, d, kk):
+            return select_mask(
+                y, d, scope=scope, block_size=block_size, criterion=criterion, key=kk, method=method
+            )
+
+        return jax.sharding.auto_axes(auto, out_sharding=sharding)(x, density, key)
     keys = selection_keys(x.reshape(-1), criterion, key)
     _, cols = block_layout(n, scope, block_size)
     keys2 = _as_rows(keys, cols, _MAX_KEY)
@@ -375,26 +479,41 @@ def select_global_masks(
     keys = []
     for i, x in enumerate(leaves):
         leaf_key = None if key is None else jax.random.fold_in(key, i)
-        keys.append(selection_keys(x.reshape(-1), criterion, leaf_key))
+        keys.append(selection_keys(x, criterion, leaf_key))
 
-    def count_le(t):
-        return sum((jnp.sum(kk <= t, dtype=jnp.int32) for kk in keys), jnp.int32(0))
+    def count(pred):
+        return sum(
+            (jnp.sum(pred(kk, j), dtype=jnp.int32) for j, kk in enumerate(keys)), jnp.int32(0)
+        )
 
     def body(_, carry):
         lo, hi = carry
         mid = lo + (hi - lo) // 2
-        enough = count_le(mid) >= k
+        enough = count(lambda kk, _: kk <= mid) >= k
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
     t, _ = jax.lax.fori_loop(0, 32, body, (jnp.uint32(0), _MAX_KEY))
-    need = k - sum((jnp.sum(kk < t, dtype=jnp.int32) for kk in keys), jnp.int32(0))
-    masks = []
-    for x, kk in zip(leaves, keys):
-        equal = kk == t
-        rank = jnp.cumsum(equal, dtype=jnp.int32)
-        masks.append(((kk < t) | (equal & (rank <= need))).reshape(x.shape))
-        need = need - jnp.sum(equal, dtype=jnp.int32)
-    return masks
+    need = k - count(lambda kk, _: kk < t)
+    # Surplus ties at the threshold: keep the first `need` in concatenation order, by a
+    # bisection on the global position (leaf offset + row-major index), not a cumsum.
+    offsets = np.cumsum([0] + [int(x.size) for x in leaves]).tolist()
+    positions = [_row_index(kk[None])[0] + jnp.int32(off) for kk, off in zip(keys, offsets)]
+
+    def cut(_):
+        def body(_, carry):
+            lo, hi = carry
+            mid = lo + (hi - lo) // 2
+            enough = count(lambda kk, j: (kk == t) & (positions[j] < mid)) >= need
+            return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+        lo, _ = jax.lax.fori_loop(
+            0, max(1, total.bit_length()), body, (jnp.int32(0), jnp.int32(total))
+        )
+        return lo
+
+    surplus = count(lambda kk, _: kk == t) > need
+    cut_at = jax.lax.cond(surplus, cut, lambda _: jnp.int32(total), None)
+    return [(kk < t) | ((kk == t) & (pos < cut_at)) for kk, pos in zip(keys, positions)]
 
 
 def _chunk_size() -> int:

@@ -273,6 +273,32 @@ def _subtree(treedef: Any, n_leaves: int, items: list[tuple[int, Any]]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _is_box(x: Any) -> bool:
+    """A metadata box around one array (``flax.nnx.Variable``, ``flax.linen.Partitioned``)."""
+    return (hasattr(x, "get_metadata") and hasattr(x, "get_value")) or hasattr(x, "unbox")
+
+
+def _plain_treedef(params: Any) -> Any:
+    """``params``' structure with metadata boxes as leaves: for state that is not
+    param-shaped (compact buffers), so it does not inherit e.g. a box's sharding names."""
+    boxed = jax.tree.structure(params, is_leaf=_is_box)
+    if boxed.num_leaves != jax.tree.structure(params).num_leaves:
+        return jax.tree.structure(params)  # a box with several arrays: keep it
+    return boxed
+
+
+def _leaf_sharding(p: Any) -> Any:
+    """A parameter's NamedSharding when it is known here, else None.
+
+    Known for concrete arrays, for ``jax.ShapeDtypeStruct(..., sharding=...)`` and, while
+    tracing, under explicit sharding (``jax.typeof(p).sharding``).
+    """
+    sharding = getattr(p, "sharding", None) if not isinstance(p, jax.core.Tracer) else None
+    if sharding is None and isinstance(p, jax.core.Tracer):
+        sharding = selection._out_sharding(p)
+    return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
 def _zero_update(u: Any) -> Any:
     if u is None or getattr(u, "dtype", None) == jax.dtypes.float0:
         return u
@@ -295,7 +321,7 @@ def _require_params(params: Any, name: str) -> None:
 def _mask_init(selector: _Selector, params: Any) -> tuple[jax.Array, jax.Array, Any]:
     labels = label_params(params, selector.labels)
     masks = jax.tree.map(
-        lambda p, lab: jnp.zeros(p.shape, bool) if lab == SPARSE else None, params, labels
+        lambda p, lab: jnp.zeros_like(p, dtype=bool) if lab == SPARSE else None, params, labels
     )
     return jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32), masks
 
@@ -482,15 +508,66 @@ def _late_zeros(shape: tuple[int, ...], values: jax.Array) -> jax.Array:
 
 
 class _CompactLeaf:
-    """Gather/scatter between a leaf and its ``(rows, k_max)`` compact buffer."""
+    """Gather/scatter between a leaf and its ``(rows, k_max)`` compact buffer.
 
-    def __init__(self, shape: tuple[int, ...], selector: _Selector, unique: bool, narrow: bool):
-        self.shape = shape
-        self.n = int(np.prod(shape)) if shape else 1
+    If the leaf is sharded along its first axis only and every shard holds whole
+    blocks (``scope="block"`` with ``block_size`` dividing the per-shard size), the
+    buffers are sharded along rows in the same way, and gather, inner update, scatter
+    and the per-row selection are local to each device (no collective).
+    """
+
+    def __init__(self, p: Any, selector: _Selector, unique: bool, narrow: bool):
+        self.shape = tuple(p.shape)
+        self.n = int(np.prod(self.shape)) if self.shape else 1
         self.rows, self.cols, self.kmax = selector.layout(self.n)
         self.unique = unique
         # Column indices run up to ``cols`` (the padding sentinel).
         self.index_dtype = jnp.uint16 if narrow and self.cols <= 0xFFFF else jnp.int32
+        self.row_spec = None  # mesh axes of the rows, when the buffers are row-sharded
+        self.mesh = None
+        sharding = _leaf_sharding(p)
+        explicit = sharding is not None and any(
+            t == jax.sharding.AxisType.Explicit for t in getattr(sharding.mesh, "axis_types", ())
+        )
+        # Under explicit sharding the bookkeeping runs in ``auto_axes`` with these outputs.
+        self.explicit = sharding if explicit else None
+        if sharding is None or self.rows == 1 or not self.shape:
+            return
+        spec = tuple(sharding.spec) + (None,) * (len(self.shape) - len(sharding.spec))
+        names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+        names = tuple(a for a in names if a is not None)
+        shards = int(np.prod([sharding.mesh.shape[a] for a in names])) if names else 1
+        aligned = self.n % self.cols == 0 and self.rows % shards == 0
+        if names and aligned and all(a is None for a in spec[1:]):
+            self.row_spec, self.mesh = spec[0], sharding.mesh
+
+    def _full(self, shape: tuple[int, ...], value: Any, dtype: Any) -> jax.Array:
+        if self.row_spec is None:
+            return jnp.full(shape, value, dtype)
+        spec = jax.sharding.PartitionSpec(self.row_spec, *([None] * (len(shape) - 1)))
+        return jnp.full(shape, value, dtype, device=jax.sharding.NamedSharding(self.mesh, spec))
+
+    def _auto(self, fn: Any, out_dims: int, *args: Any) -> Any:
+        """``fn(*args)``; under explicit sharding inside ``auto_axes`` (XLA partitions it),
+        returning a buffer sharded along rows (``out_dims`` axes) or like the leaf (0)."""
+        if self.explicit is None:
+            return fn(*args)
+        if out_dims == 0:
+            spec = self.explicit.spec
+        else:
+            spec = jax.sharding.PartitionSpec(self.row_spec, *([None] * (out_dims - 1)))
+        out = jax.sharding.NamedSharding(self.explicit.mesh, spec)
+        return jax.sharding.auto_axes(fn, out_sharding=out)(*args)
+
+    def zeros(self, dtype: Any) -> jax.Array:
+        """Zero inner-state vector, sharded like the rows."""
+        return self._full((self.size,), 0, dtype)
+
+    def _rows(self, x: jax.Array, fill: Any) -> jax.Array:
+        flat = x.reshape(-1)
+        if self.n == self.rows * self.cols:
+            return flat.reshape(self.rows, self.cols)  # no padding: a free view when aligned
+        return selection._as_rows(flat, self.cols, fill)
 
     def check(self, path: str) -> None:
         if self.cols > _INT32_MAX:
@@ -505,48 +582,50 @@ class _CompactLeaf:
         return self.rows * self.kmax
 
     def empty_indices(self) -> jax.Array:
-        return jnp.full((self.rows, self.kmax), self.cols, self.index_dtype)
+        return self._full((self.rows, self.kmax), self.cols, self.index_dtype)
 
     def indices_from_mask(self, mask: jax.Array) -> jax.Array:
-        flat = mask.reshape(-1)
-        if self.rows == 1:
-            (idx,) = jnp.nonzero(flat, size=self.kmax, fill_value=self.cols)
-            return idx.astype(self.index_dtype)[None]
-        m2 = selection._as_rows(flat, self.cols, jnp.bool_(False))
-
         def row(m):
             return jnp.nonzero(m, size=self.kmax, fill_value=self.cols)[0]
 
-        return jax.vmap(row)(m2).astype(self.index_dtype)
+        def fn(mask):
+            if self.rows == 1:
+                return row(mask.reshape(-1)).astype(self.index_dtype)[None]
+            return jax.vmap(row)(self._rows(mask, jnp.bool_(False))).astype(self.index_dtype)
+
+        return self._auto(fn, 2, mask)
 
     def gather(self, x: jax.Array, idx: jax.Array) -> jax.Array:
-        flat = x.reshape(-1)
-        if self.rows == 1:
-            return jnp.take(flat, idx[0], mode="fill", fill_value=0)
-        x2 = selection._as_rows(flat, self.cols, jnp.zeros((), flat.dtype))
-        return jnp.take_along_axis(x2, idx, axis=1, mode="fill", fill_value=0).reshape(-1)
+        def fn(x, idx):
+            if self.rows == 1:
+                return jnp.take(x.reshape(-1), idx[0], mode="fill", fill_value=0)
+            x2 = self._rows(x, jnp.zeros((), x.dtype))
+            return jnp.take_along_axis(x2, idx, axis=1, mode="fill", fill_value=0).reshape(-1)
+
+        return self._auto(fn, 1, x, idx)
 
     def scatter(self, values: jax.Array, idx: jax.Array, dtype: Any) -> jax.Array:
-        values = values.astype(dtype)
-        if self.rows == 1:
-            out = (
-                _late_zeros((self.n,), values)
-                .at[idx[0]]
-                .set(values, mode="drop", indices_are_sorted=True, unique_indices=self.unique)
-            )
-            return out.reshape(self.shape)
-        rows = jnp.arange(self.rows)[:, None]
-        out = (
-            jnp.zeros((self.rows, self.cols), dtype)
-            .at[rows, idx]
-            .set(
-                values.reshape(self.rows, self.kmax),
-                mode="drop",
-                indices_are_sorted=True,
-                unique_indices=self.unique,
-            )
-        )
-        return out.reshape(-1)[: self.n].reshape(self.shape)
+        def fn(values, idx):
+            values = values.astype(dtype)
+            if self.rows == 1:
+                out = (
+                    _late_zeros((self.n,), values)
+                    .at[idx[0]]
+                    .set(values, mode="drop", indices_are_sorted=True, unique_indices=self.unique)
+                )
+                return out.reshape(self.shape)
+
+            def row(v, i):  # a batched (per-row) scatter: partitions along rows
+                return (
+                    _late_zeros((self.cols,), v)
+                    .at[i]
+                    .set(v, mode="drop", indices_are_sorted=True, unique_indices=self.unique)
+                )
+
+            out = jax.vmap(row)(values.reshape(self.rows, self.kmax), idx).reshape(-1)
+            return (out if out.shape[0] == self.n else out[: self.n]).reshape(self.shape)
+
+        return self._auto(fn, 0, values, idx)
 
     def carry_over(self, values: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
         """Moments of entries selected before and after a refresh, zeros for new ones.
@@ -554,14 +633,17 @@ class _CompactLeaf:
         Both index sets are sorted, so each new index is located in the old ones by a
         sorted search (``searchsorted``), k log k work at a refresh only.
         """
-        v2 = values.reshape(self.rows, self.kmax)
 
         def row(v, o, w):
             pos = jnp.minimum(jnp.searchsorted(o, w), self.kmax - 1)
             found = (o[pos] == w) & (w < self.cols)
             return jnp.where(found, v[pos], jnp.zeros((), v.dtype))
 
-        return jax.vmap(row)(v2, old, new).reshape(values.shape)
+        def fn(values, old, new):
+            v2 = values.reshape(self.rows, self.kmax)
+            return jax.vmap(row)(v2, old, new).reshape(values.shape)
+
+        return self._auto(fn, 1, values, old, new)
 
 
 def sparse_update(
@@ -721,10 +803,7 @@ def sparse_update(
     unique = isinstance(density, (int, float)) and max_density is None
 
     def leaf_plans(params):
-        return [
-            _CompactLeaf(tuple(p.shape), selector, unique, narrow_indices)
-            for p in jax.tree.leaves(params)
-        ]
+        return [_CompactLeaf(p, selector, unique, narrow_indices) for p in jax.tree.leaves(params)]
 
     def init_fn(params):
         labels_tree = label_params(params, selector.labels)
@@ -739,16 +818,18 @@ def sparse_update(
             for i, _ in sparse:
                 plans[i].check(paths[i])
             sel = [(i, plans[i].empty_indices()) for i, _ in sparse]
-            vecs = [(i, jnp.zeros((plans[i].size,), p.dtype)) for i, p in sparse]
+            vecs = [(i, plans[i].zeros(p.dtype)) for i, p in sparse]
+            state_def = _plain_treedef(params)
         else:
-            sel = [(i, jnp.zeros(p.shape, bool)) for i, p in sparse]
-            vecs = [(i, jnp.zeros(p.shape, p.dtype)) for i, p in sparse]
+            sel = [(i, jnp.zeros_like(p, dtype=bool)) for i, p in sparse]
+            vecs = [(i, jnp.zeros_like(p)) for i, p in sparse]
+            state_def = treedef
         n = len(leaves)
         return SparseUpdateState(
             sparse_step=jnp.zeros([], jnp.int32),
             sparse_density=jnp.zeros([], jnp.float32),
-            selected=_subtree(treedef, n, sel),
-            sparse_inner_state=store(inner.init(_subtree(treedef, n, vecs))),
+            selected=_subtree(state_def, n, sel),
+            sparse_inner_state=store(inner.init(_subtree(state_def, n, vecs))),
             dense_inner_state=store(inner.init(_subtree(treedef, n, dense))),
         )
 
@@ -756,17 +837,19 @@ def sparse_update(
         _require_params(params, "sparse_update")
         labels_tree = label_params(params, selector.labels)
         leaves, treedef = jax.tree.flatten(params)
+        # Compact state lives in a box-free tree (see init_fn); dense state mirrors params.
+        sdef = _plain_treedef(params) if compact else treedef
         n = len(leaves)
         plans = leaf_plans(params)
         sparse = _split(params, labels_tree, SPARSE)
         sparse_pos = [i for i, _ in sparse]
         flat_updates = treedef.flatten_up_to(updates)
-        flat_sel = treedef.flatten_up_to(state.selected)
+        flat_sel = sdef.flatten_up_to(state.selected)
         step = state.sparse_step
         refresh, density = selector.refresh_decision(step, state.sparse_density)
 
         def vec_tree(items):
-            return _subtree(treedef, n, items)
+            return _subtree(sdef, n, items)
 
         def do_refresh(operand):
             old_sel, inner_state = operand
@@ -779,8 +862,13 @@ def sparse_update(
                     if prev is not None:
                         x, _ = jax.lax.optimization_barrier((x, prev))
                     k = selection.num_selected(plans[i].n, density)
-                    idx = selection.leaf_bottom_k_indices(x, k, plans[i].kmax, plans[i].cols)
-                    prev = idx.astype(plans[i].index_dtype)[None]
+
+                    def lean(x, k, plan=plans[i]):
+                        idx = selection.leaf_bottom_k_indices(x, k, plan.kmax, plan.cols)
+                        return idx.astype(plan.index_dtype)[None]
+
+                    # Under explicit sharding the flattening runs in auto_axes (as gather).
+                    prev = plans[i]._auto(lean, 2, x, k)
                     new.append(prev)
             else:
                 masks = selector.masks([x for _, x in sparse], density, step)
@@ -791,7 +879,7 @@ def sparse_update(
             new_sel = vec_tree(list(zip(sparse_pos, new)))
             if refresh_policy == "reset":
                 zeros = [
-                    (i, jnp.zeros((plans[i].size,) if compact else x.shape, x.dtype))
+                    (i, plans[i].zeros(x.dtype) if compact else jnp.zeros_like(x))
                     for i, x in sparse
                 ]
                 fresh = inner.init(vec_tree(zeros))
@@ -803,8 +891,8 @@ def sparse_update(
             return new_sel, inner_state
 
         def _carry_over(old_sel, new_sel, inner_state):
-            old_flat = treedef.flatten_up_to(old_sel)
-            new_flat = treedef.flatten_up_to(new_sel)
+            old_flat = sdef.flatten_up_to(old_sel)
+            new_flat = sdef.flatten_up_to(new_sel)
 
             def move(value, i):
                 if compact:
@@ -827,7 +915,7 @@ def sparse_update(
             lambda operand: operand,
             (state.selected, load(state.sparse_inner_state)),
         )
-        flat_sel = treedef.flatten_up_to(selected)
+        flat_sel = sdef.flatten_up_to(selected)
 
         # Sparse leaves: gather -> inner -> scatter (compact) or mask -> inner -> mask.
         if compact:
@@ -843,14 +931,14 @@ def sparse_update(
         u_vecs, sparse_inner_state = inner.update(
             vec_tree(g_vecs), sparse_inner_state, vec_tree(p_vecs), **extra_args
         )
-        flat_u_vecs = treedef.flatten_up_to(u_vecs)
+        flat_u_vecs = sdef.flatten_up_to(u_vecs)
 
         dense = _split(params, labels_tree, DENSE)
         dense_pos = [i for i, _ in dense]
         u_dense, dense_inner_state = inner.update(
-            vec_tree([(i, flat_updates[i]) for i in dense_pos]),
+            _subtree(treedef, n, [(i, flat_updates[i]) for i in dense_pos]),
             load(state.dense_inner_state),
-            vec_tree(dense),
+            _subtree(treedef, n, dense),
             **extra_args,
         )
         flat_u_dense = treedef.flatten_up_to(u_dense)

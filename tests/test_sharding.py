@@ -350,14 +350,14 @@ def test_collective_parser_on_a_known_module():
 #: None: holds now. Each configuration compiles once for both tests.
 CASES = [
     ("compact", "fsdp", "auto", None, LEAF_COMPACT),
-    ("compact", "2d", "explicit", EXPLICIT, LEAF_COMPACT),
-    ("dense", "2d", "auto", None, UNSHARDED),
-    ("dense", "fsdp", "explicit", EXPLICIT, EXPLICIT),
-    ("block", "fsdp", "auto", None, COMPACT_ROWS),
-    ("block", "2d_rows", "explicit", EXPLICIT, EXPLICIT),
-    ("global", "2d", "auto", None, UNSHARDED),
-    ("pipeline", "fsdp", "auto", None, UNSHARDED),
-    ("pipeline", "2d", "explicit", EXPLICIT, EXPLICIT),
+    ("compact", "2d", "explicit", None, LEAF_COMPACT),
+    ("dense", "2d", "auto", None, None),
+    ("dense", "fsdp", "explicit", None, None),
+    ("block", "fsdp", "auto", None, None),
+    ("block", "2d_rows", "explicit", None, None),
+    ("global", "2d", "auto", None, None),
+    ("pipeline", "fsdp", "auto", None, None),
+    ("pipeline", "2d", "explicit", None, None),
 ]
 
 
@@ -415,7 +415,7 @@ def test_selection_does_not_depend_on_the_mesh():
     "layout,mode",
     [
         pytest.param("fsdp", "auto", id="fsdp-auto"),
-        pytest.param("2d_rows", "explicit", marks=xfail(EXPLICIT), id="2d_rows-explicit"),
+        pytest.param("2d_rows", "explicit", id="2d_rows-explicit"),
     ],
 )
 def test_block_selection_does_not_depend_on_the_mesh(layout, mode):
@@ -465,7 +465,6 @@ def _param_shaped(state, params):
 
 
 @pytest.mark.parametrize("name", ["dense", "pipeline", "global"])
-@pytest.mark.xfail(strict=True, reason=ZEROS)
 def test_eager_init_shards_param_shaped_state_like_params(name):
     tx = OPTIMIZERS[name]()
     with jax.set_mesh(mesh_for("2d", "auto")):
@@ -477,7 +476,6 @@ def test_eager_init_shards_param_shaped_state_like_params(name):
         assert leaf.sharding.is_equivalent_to(p.sharding, p.ndim), (leaf.shape, leaf.sharding)
 
 
-@pytest.mark.xfail(strict=True, reason=COMPACT_ROWS)
 def test_compact_block_buffers_are_sharded_along_rows():
     tx = OPTIMIZERS["block"]()
     mesh = mesh_for("fsdp", "auto")
@@ -519,9 +517,9 @@ def test_init_traces_on_abstract_sharded_inputs(name, mode):
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("dense", marks=xfail(ZEROS)),
-        pytest.param("pipeline", marks=xfail(ZEROS)),
-        pytest.param("block", marks=xfail(COMPACT_ROWS)),
+        pytest.param("dense"),
+        pytest.param("pipeline"),
+        pytest.param("block"),
     ],
 )
 def test_abstract_init_under_explicit_sharding_carries_shardings(name):
@@ -559,7 +557,7 @@ def state_shardings(tx, params_sharding_tree, shapes_tree):
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param("dense", marks=xfail(ZEROS)), pytest.param("block", marks=xfail(COMPACT_ROWS))],
+    [pytest.param("dense"), pytest.param("block")],
 )
 def test_sharded_state_from_abstract_params_under_automatic_sharding(name):
     """Build the sharded state directly (``jit(init, out_shardings=...)``) and train with it."""
@@ -640,8 +638,8 @@ def _nnx_reference(name: str) -> dict:
     "name,mode",
     [
         pytest.param("dense", "auto", id="dense-auto"),
-        pytest.param("dense", "explicit", marks=xfail(EXPLICIT), id="dense-explicit"),
-        pytest.param("compact", "auto", marks=xfail(NNX_METADATA), id="compact-auto"),
+        pytest.param("dense", "explicit", id="dense-explicit"),
+        pytest.param("compact", "auto", id="compact-auto"),
     ],
 )
 def test_nnx_optimizer_over_partitioned_model(name, mode):
