@@ -1,0 +1,126 @@
+"""Smoke test of ``benchmarks/evidence.py``: every experiment in a few steps, in-process.
+
+Checks that the outputs are well formed (files written, keys present, accuracies in [0, 1],
+every method's best learning rate taken from its grid, the run cache reused), never what the
+numbers say.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+for _p in (REPO / "examples", REPO):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from common import assets  # noqa: E402
+
+ASSETS = ("mnist_cnn", "mnist", "minilm", "rotten_tomatoes")
+
+
+def _acc(x) -> bool:
+    return isinstance(x, float) and 0.0 <= x <= 1.0
+
+
+def _check_table(table: dict, grid) -> None:
+    assert float(table["best_lr"]) in [float(g) for g in grid]
+    for row in table["rows"].values():
+        mean, std = row["test"]
+        assert _acc(mean) and std >= 0.0 and math.isfinite(std)
+        assert row["n"] >= 1
+
+
+@pytest.fixture(scope="module")
+def evidence_run(tmp_path_factory):
+    missing = assets.missing_assets(*ASSETS)
+    if missing:
+        pytest.skip("offline assets not installed; run: " + " && ".join(missing))
+    from benchmarks import evidence
+
+    out = tmp_path_factory.mktemp("evidence")
+    returned = evidence.main(["--smoke", "--quiet", "--out", str(out)])
+    return evidence, out, returned
+
+
+def test_files_written(evidence_run):
+    _, out, returned = evidence_run
+    for name in ("e1", "e2", "e3", "e4", "e5"):
+        for ext in ("json", "png"):
+            path = out / f"{name}.{ext}"
+            assert path.is_file() and path.stat().st_size > 0, path
+    assert (out / "runs.json").is_file()
+    assert returned["wall_s"] > 0 and returned["cpu_s"] > 0
+    summary = (out / "summary.md").read_text()
+    for needle in ("SMOKE RUN", "Command: `python benchmarks/evidence.py", "jax ", "Date:",
+                   "## E1.", "## E2.", "## E3.", "## E4.", "## E5.", "e1.png"):  # fmt: skip
+        assert needle in summary, needle
+
+
+def test_json_well_formed(evidence_run):
+    evidence, out, _ = evidence_run
+    s = evidence.SMOKE
+    docs = {n: json.loads((out / f"{n}.json").read_text()) for n in ("e1", "e2", "e3", "e4", "e5")}
+    for name, doc in docs.items():
+        assert doc["experiment"] == name
+        assert doc["machine"]["jax"] and doc["machine"]["backend"]
+        assert doc["settings"]["seeds"] == list(s.seeds)
+        assert doc["runs"], name
+        for run in doc["runs"]:
+            assert _acc(run["val_acc"]) and _acc(run["test_acc"])
+            assert run["old_task_acc"] is None or _acc(run["old_task_acc"])
+            assert 0.0 <= run["body_changed_fraction"] <= 1.0
+            assert run["loss_curve"]
+
+    e1 = docs["e1"]["results"]
+    for method in ("nanoadam", "adamw"):
+        _check_table(e1["vision"][method], s.lr_grid)
+        _check_table(e1["text"][method], s.text_lr_grid)
+    sb = e1["vision"]["state_bytes"]
+    assert 0 < sb["nanoadam d=0.1"] < sb["adamw"]
+    timing = e1["vision"]["timing"]
+    assert timing["ratio_wall"] > 0 and timing["ratio_cpu"] > 0
+
+    e2 = docs["e2"]["results"]["tables"]
+    assert len(e2) == 4
+    for table in e2.values():
+        _check_table(table, s.lr_grid)
+
+    e3 = docs["e3"]["results"]["tables"]
+    for m in s.mask_intervals:
+        assert f"reset m={m}" in e3 and f"keep m={m}" in e3
+
+    e4 = docs["e4"]["results"]["tables"]
+    assert set(e4) == {"nanoadam d=0.1", "nanoadam d=0.01", "adamw"}
+    for table in e4.values():
+        _check_table(table, s.lr_grid)
+        assert set(map(float, table["rows"])) == set(s.lr_grid)
+
+    e5 = docs["e5"]["results"]
+    assert {"nanoadam d=0.1", "nanoadam d=0.01", "adamw"} <= set(e5["forgetting"])
+    assert len(e5["forgetting"]) == 4  # + the head-sparse diagnostic
+    diag = docs["e2"]["results"]["gradient_diagnostic"]
+    assert set(diag["criteria"]) == {"smallest", "random", "largest"}
+    assert 0.0 <= diag["all_zero_grad"] <= 1.0
+    ks = {row["leaf"]: row for row in e5["rounding"]}
+    assert ks["conv1/bias"]["k at d=0.01"] == 1  # round(0.32) = 0, clipped to 1
+    assert ks["head/kernel"]["label"] == "dense"
+
+
+def test_cache_reused(evidence_run):
+    evidence, out, returned = evidence_run
+    again = evidence.main(["--smoke", "--quiet", "--experiment", "e4", "--out", str(out)])
+    assert again["results"]["e4"]["tables"] == returned["results"]["e4"]["tables"]
+    assert "| vision" not in (out / "summary.md").read_text()  # nothing was recomputed
+
+
+def test_bad_experiment_name():
+    from benchmarks import evidence
+
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--experiment", "e9"])
