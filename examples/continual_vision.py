@@ -148,9 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order")
     p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bars")
     args = p.parse_args(argv)
-    for key, value in (SMOKE_DEFAULTS if args.smoke else FULL_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    cli.fill_sized_defaults(args, FULL_DEFAULTS, SMOKE_DEFAULTS)
     try:
         args.densities = [float(d) for d in args.densities.split(",") if d.strip()]
     except ValueError:

@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from common import assets  # noqa: E402
+from common import assets, cli  # noqa: E402
 from common.minilm import MiniLMClassifier, MiniLMTokenizer  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -161,9 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bars")
     args = p.parse_args(argv)
-    for key, value in (SMOKE_DEFAULTS if args.smoke else FULL_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    cli.fill_sized_defaults(args, FULL_DEFAULTS, SMOKE_DEFAULTS)
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     unknown = set(args.optimizers) - set(OPTIMIZERS)
     if unknown or not args.optimizers:

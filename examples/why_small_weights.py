@@ -54,7 +54,7 @@ if str(EXAMPLES_DIR.parent) not in sys.path:  # nanoadam_jax from a checkout tha
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from common import assets  # noqa: E402
+from common import assets, cli  # noqa: E402
 from common.minilm import MiniLMClassifier, MiniLMTokenizer  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -113,9 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for batches, head and subsampling")
     p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
     args = p.parse_args(argv)
-    for key, value in (SMOKE_DEFAULTS if args.smoke else FULL_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    cli.fill_sized_defaults(args, FULL_DEFAULTS, SMOKE_DEFAULTS)
     if not 1 <= args.num_layers <= 6:
         p.error("--num-layers must be in 1..6")
     if not 0 <= args.layer < args.num_layers:

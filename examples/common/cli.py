@@ -25,3 +25,13 @@ def sized_adder(
         )
 
     return sized
+
+
+def fill_sized_defaults(
+    args: argparse.Namespace, full: dict[str, Any], smoke: dict[str, Any]
+) -> argparse.Namespace:
+    """Fill the size flags left unset (None) from ``smoke`` under ``--smoke``, else ``full``."""
+    for key, value in (smoke if args.smoke else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
