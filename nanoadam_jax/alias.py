@@ -5,12 +5,41 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from nanoadam_jax.labels import Labels
-from nanoadam_jax.transform import Density, sparse_update
+from nanoadam_jax.transform import STEP_ARG, Density, sparse_update
 
 __all__ = ["nanoadam", "nanoadamw"]
+
+
+def _with_learning_rate(
+    inner: optax.GradientTransformation, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformationExtraArgs:
+    """``inner`` followed by ``optax.scale_by_learning_rate(learning_rate)``, with
+    ``inner``'s state unchanged (the learning rate adds none).
+
+    For use inside :func:`~nanoadam_jax.sparse_update`: a schedule is evaluated at
+    ``sparse_update``'s step counter (the extra argument
+    :data:`~nanoadam_jax.transform.STEP_ARG`, the number of earlier updates, like
+    optax's own count), so a ``"reset"`` refresh, which re-initialises the inner state,
+    does not restart it. Scaling inside ``sparse_update`` (on the ``k`` selected values,
+    before the scatter) lets XLA turn ``params + update`` into an in-place scatter-add
+    into the parameters when the update is applied in the same jitted step.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        updates, state = inner.update(updates, state, params, **extra_args)
+        if callable(learning_rate):
+            lr = learning_rate(extra_args[STEP_ARG])
+            updates = jax.tree.map(lambda u: jnp.array(-lr, dtype=u.dtype) * u, updates)
+        else:
+            updates = jax.tree.map(lambda u: u * -learning_rate, updates)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def nanoadam(
@@ -36,8 +65,12 @@ def nanoadam(
 ) -> optax.GradientTransformationExtraArgs:
     """NanoAdam: Adam on the smallest-magnitude weights of each tensor only.
 
-    Equivalent to ``optax.chain(sparse_update(optax.scale_by_adam(b1, b2, eps), ...),
-    optax.scale_by_learning_rate(learning_rate))``: at step 0, every
+    The same updates as ``optax.chain(sparse_update(optax.scale_by_adam(b1, b2, eps),
+    ...), optax.scale_by_learning_rate(learning_rate))``, with the learning rate applied
+    inside :func:`~nanoadam_jax.sparse_update` (to the ``k`` selected values, before the
+    scatter, so that XLA can apply the update in place; the state is a one-element
+    chain whose ``state[0]`` is the :class:`~nanoadam_jax.SparseUpdateState`, and a
+    learning-rate schedule follows its never-reset ``sparse_step``): at step 0, every
     ``mask_interval`` steps and whenever the density changes, each sparse leaf's
     ``k = round(density * n)`` smallest-``|w|`` entries are selected (exactly ``k``,
     ties by index); Adam runs on those entries only, with moments stored only for
@@ -72,7 +105,9 @@ def nanoadam(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
-    inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+    inner = _with_learning_rate(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype), learning_rate
+    )
     return optax.chain(
         sparse_update(
             inner,
@@ -90,7 +125,6 @@ def nanoadam(
             seed=seed,
             selection_method=selection_method,
         ),
-        optax.scale_by_learning_rate(learning_rate),
     )
 
 
@@ -149,9 +183,12 @@ def nanoadamw(
             bad = True
         if bad:
             raise ValueError(f"`weight_decay` must be a non-negative float, got {weight_decay!r}")
-    inner = optax.chain(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
-        optax.add_decayed_weights(weight_decay),
+    inner = _with_learning_rate(
+        optax.chain(
+            optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+            optax.add_decayed_weights(weight_decay),
+        ),
+        learning_rate,
     )
     return optax.chain(
         sparse_update(
@@ -170,5 +207,4 @@ def nanoadamw(
             seed=seed,
             selection_method=selection_method,
         ),
-        optax.scale_by_learning_rate(learning_rate),
     )

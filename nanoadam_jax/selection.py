@@ -526,41 +526,56 @@ def leaf_bottom_k_indices(x: jax.Array, k: jax.Array, kmax: int, fill: int) -> j
 
     The same set as ``nonzero(select_mask(x, density), size=kmax, fill_value=fill)`` for
     ``criterion="smallest"``, ``method="bisection"``, ``scope="leaf"``, with bounded scratch
-    memory: the keys are recomputed from ``x`` inside every bisection pass (never stored),
-    and the positions are extracted one chunk at a time (a running offset and a running
-    count of ties), so no ``n``-sized key, mask, rank or cumsum buffer is ever live.
+    memory: every pass (the 32 bisection counts, the count below the threshold and the
+    extraction) walks the leaf one chunk at a time and recomputes the keys of that chunk,
+    so no ``n``-sized key, mask, count or cumsum buffer and no padded copy of the leaf is
+    ever live (XLA:CPU materialises the operand of a large integer sum; a chunk keeps
+    that buffer chunk-sized). The last chunk is read at ``n - c`` (clamped, never padded)
+    and skips the entries that the previous chunk already covered.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> leaf_bottom_k_indices(jnp.array([3.0, -1.0, 0.5, 2.0]), 2, 3, 4).tolist()
+      [1, 2, 4]
     """
     flat = x.reshape(-1)
     n = flat.shape[0]
     if n == 0:
         return jnp.full((kmax,), fill, jnp.int32)
     k = jnp.asarray(k, jnp.int32)
-
-    def keys_of(v):
-        return selection_keys(v, "smallest")
-
-    def body(_, carry):
-        lo, hi = carry
-        mid = lo + (hi - lo) // 2
-        enough = jnp.sum(keys_of(flat) <= mid, dtype=jnp.int32) >= k
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    t, _ = jax.lax.fori_loop(0, 32, body, (jnp.uint32(0), _MAX_KEY))
-    need = k - jnp.sum(keys_of(flat) < t, dtype=jnp.int32)
-
     c = min(_chunk_size(), n)
     n_chunks = -(-n // c)
-    pad = n_chunks * c - n
-    xp = jnp.concatenate([flat, jnp.zeros((pad,), flat.dtype)]) if pad else flat
     offsets = jnp.arange(c, dtype=jnp.int32)
 
-    def chunk(i, carry):
+    def chunk_keys(i):
+        """Keys of chunk ``i``, its first position, and which of its entries are new."""
+        start = jnp.minimum(i * c, n - c)
+        kc = selection_keys(jax.lax.dynamic_slice(flat, (start,), (c,)), "smallest")
+        return kc, start, start + offsets >= i * c
+
+    def count(pred):
+        def body(i, acc):
+            kc, _, new = chunk_keys(i)
+            return acc + jnp.sum(pred(kc) & new, dtype=jnp.int32)
+
+        if n_chunks == 1:
+            return body(0, jnp.int32(0))
+        return jax.lax.fori_loop(0, n_chunks, body, jnp.int32(0))
+
+    def bisect(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        enough = count(lambda kc: kc <= mid) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    t, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.uint32(0), _MAX_KEY))
+    need = k - count(lambda kc: kc < t)
+
+    def extract(i, carry):
         out, filled, ties_seen = carry
-        start = i * c
-        kc = keys_of(jax.lax.dynamic_slice(xp, (start,), (c,)))
-        valid = start + offsets < n
-        below = (kc < t) & valid
-        tie = (kc == t) & valid
+        kc, start, new = chunk_keys(i)
+        below = (kc < t) & new
+        tie = (kc == t) & new
         rank = ties_seen + jnp.cumsum(tie, dtype=jnp.int32)
         take = below | (tie & (rank <= need))
         (pos,) = jnp.nonzero(take, size=c, fill_value=-1)
@@ -570,5 +585,5 @@ def leaf_bottom_k_indices(x: jax.Array, k: jax.Array, kmax: int, fill: int) -> j
         return out, filled, ties_seen + jnp.sum(tie, dtype=jnp.int32)
 
     out = jnp.full((kmax + c,), fill, jnp.int32)
-    out, _, _ = jax.lax.fori_loop(0, n_chunks, chunk, (out, jnp.int32(0), jnp.int32(0)))
+    out, _, _ = jax.lax.fori_loop(0, n_chunks, extract, (out, jnp.int32(0), jnp.int32(0)))
     return out[:kmax]

@@ -469,3 +469,41 @@ def test_update_without_params_is_a_clear_error():
     st = tx.init({"w": jnp.ones(3)})
     with pytest.raises(ValueError, match="params"):
         tx.update({"w": jnp.ones(3)}, st)
+
+
+@pytest.mark.parametrize("policy", ["reset", "keep"])
+def test_learning_rate_schedule_is_not_restarted_by_refreshes(policy):
+    # nanoadam applies the learning rate inside sparse_update; a "reset" refresh
+    # re-initialises the inner state, which must not restart the schedule.
+    schedule = optax.linear_schedule(1e-1, 1e-3, transition_steps=12)
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (6, 7)), "head": jnp.ones(3)}
+    kwargs = dict(density=0.3, mask_interval=3, refresh_policy=policy)
+    ours = nanoadam.nanoadam(schedule, **kwargs)
+    reference = optax.chain(
+        nanoadam.sparse_update(optax.scale_by_adam(), **kwargs),
+        optax.scale_by_learning_rate(schedule),
+    )
+    p1, p2 = params, params
+    s1, s2 = ours.init(p1), reference.init(p2)
+    for i in range(12):
+        g = jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1)), p1)
+        u1, s1 = ours.update(g, s1, p1)
+        u2, s2 = reference.update(g, s2, p2)
+        chex.assert_trees_all_close(u1, u2, rtol=1e-6, atol=1e-7)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+
+
+def test_jitted_step_applies_sparse_updates_in_place():
+    # With the learning rate inside sparse_update, XLA turns params + scatter_add(0, ...)
+    # into a scatter-add into the (donated) parameters: the step needs no leaf-sized
+    # temporary buffer (neither a zero-filled update nor a refresh scratch of n entries).
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (1024, 1024))}
+    tx = nanoadam.nanoadam(1e-3, density=0.1)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < params["w"].nbytes, temp
