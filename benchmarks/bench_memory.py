@@ -11,6 +11,10 @@ jitted with ``donate_argnums=(0, 1)`` (params and optimizer state) and compiled 
 ``jax.ShapeDtypeStruct`` inputs only: ``jax.jit(step, donate_argnums=(0, 1)).lower(...)
 .compile().memory_analysis()``. Nothing is allocated.
 
+``nanoadam-inplace`` is ``nanoadam(..., inplace_apply=True)``: its sparse updates are
+scatter-adds that XLA applies in place, but XLA:CPU then keeps copies of the parameters
+that the matmul fusions read, so its peak is higher.
+
 ``peak_bytes = argument + output + temp - alias``: the inputs and outputs of the step, the
 scratch buffers XLA assigned, minus the outputs that reuse a donated input buffer (an
 upper bound of what is live at once; it is what the device must hold).
@@ -200,6 +204,9 @@ def bench_config(cfg: Config, density: float = DENSITY) -> list[dict[str, Any]]:
     txs = {
         "adamw": optax.adamw(LR),
         f"nanoadam d={density:g}": nanoadam.nanoadam(LR, density=density, mask_interval=100),
+        f"nanoadam-inplace d={density:g}": nanoadam.nanoadam(
+            LR, density=density, mask_interval=100, inplace_apply=True
+        ),
     }
     stats = {name: memory_stats(model, tx, params, batch) for name, tx in txs.items()}
     base = stats["adamw"]

@@ -103,6 +103,16 @@ def summarize(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "target: the floor 1.5*d; scalar counters allowed (0.1% tolerance)",
                 tol=1e-3,
             )
+            inplace = _find(
+                rows, size=row["size"], optimizer=f"nanoadam-inplace d={TARGET_DENSITY:g}"
+            )
+            if inplace:
+                add(
+                    "update time nanoadam(inplace_apply=True) / adamw",
+                    inplace["ratio_vs_adamw"],
+                    UPDATE_TARGET,
+                    where,
+                )
             add("refresh cost (adamw steps)", row["refresh_cost_adamw_steps"], where=where)
             add("refresh step / adamw step", row["refresh_step_adamw_steps"], where=where)
     rows = sections.get("memory", {}).get("rows", [])
@@ -117,6 +127,14 @@ def summarize(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             add(
                 "peak memory nanoadam / adamw", row["peak_ratio_vs_adamw"], PEAK_TARGET, where, note
             )
+            inplace = _find(pool, n_params=top, optimizer=f"nanoadam-inplace d={TARGET_DENSITY:g}")
+            if inplace:
+                add(
+                    "peak memory nanoadam(inplace_apply=True) / adamw",
+                    inplace["peak_ratio_vs_adamw"],
+                    PEAK_TARGET,
+                    where,
+                )
             add(
                 "state bytes nanoadam / adamw (transformer)",
                 row["state_ratio_vs_adamw"],

@@ -62,6 +62,7 @@ def nanoadam(
     narrow_indices: bool = True,
     seed: int = 0,
     selection_method: str = "bisection",
+    inplace_apply: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """NanoAdam: Adam on the smallest-magnitude weights of each tensor only.
 
@@ -99,7 +100,8 @@ def nanoadam(
       b1, b2, eps: Adam's hyperparameters.
       mu_dtype: dtype of the first moment (as in ``optax.adam``).
       scope, block_size, criterion, labels, refresh_policy, state_layout,
-      max_density, moment_dtype, narrow_indices, seed, selection_method: see
+      max_density, moment_dtype, narrow_indices, seed, selection_method,
+      inplace_apply: see
         :func:`~nanoadam_jax.sparse_update`.
 
     Returns:
@@ -124,6 +126,7 @@ def nanoadam(
             narrow_indices=narrow_indices,
             seed=seed,
             selection_method=selection_method,
+            inplace_apply=inplace_apply,
         ),
     )
 
@@ -149,6 +152,7 @@ def nanoadamw(
     narrow_indices: bool = True,
     seed: int = 0,
     selection_method: str = "bisection",
+    inplace_apply: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """NanoAdam with decoupled weight decay (like ``optax.adamw``), on selected entries only.
 
@@ -170,7 +174,8 @@ def nanoadamw(
       learning_rate, density, mask_interval, b1, b2, eps, mu_dtype: see :func:`nanoadam`.
       weight_decay: decoupled weight decay rate (non-negative float).
       scope, block_size, criterion, labels, refresh_policy, state_layout,
-      max_density, moment_dtype, narrow_indices, seed, selection_method: see
+      max_density, moment_dtype, narrow_indices, seed, selection_method,
+      inplace_apply: see
         :func:`~nanoadam_jax.sparse_update`.
 
     Returns:
@@ -206,5 +211,6 @@ def nanoadamw(
             narrow_indices=narrow_indices,
             seed=seed,
             selection_method=selection_method,
+            inplace_apply=inplace_apply,
         ),
     )

@@ -70,7 +70,9 @@ def test_update_rows(quick_results):
     names = {r["optimizer"] for r in rows}
     assert {"adamw", "adam"} <= names
     nano = [r for r in rows if r["optimizer"].startswith("nanoadam")]
-    assert sorted(r["density"] for r in nano) == [0.01, 0.05, 0.1, 0.5]
+    plain = [r for r in nano if not r["optimizer"].startswith("nanoadam-inplace")]
+    assert sorted(r["density"] for r in plain) == [0.01, 0.05, 0.1, 0.5]
+    assert [r["density"] for r in nano if r not in plain] == [0.1]
     for r in rows:
         for key in ("n_params", "step_ms", "ratio_vs_adamw", "state_bytes", "compile_s"):
             assert positive(r[key]), (r["optimizer"], key)
@@ -104,7 +106,7 @@ def test_selection_rows(quick_results):
 def test_memory_rows(quick_results):
     _, results = quick_results
     rows = results["sections"]["memory"]["rows"]
-    assert {r["optimizer"] for r in rows} == {"adamw", "nanoadam d=0.1"}
+    assert {r["optimizer"] for r in rows} == {"adamw", "nanoadam d=0.1", "nanoadam-inplace d=0.1"}
     for r in rows:
         for key in ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes", "state_bytes"):
             assert positive(r[key]), (r["optimizer"], key)
@@ -130,6 +132,8 @@ def test_gpu_section_and_summary(quick_results):
         "state bytes nanoadam / adamw",
         "refresh cost (adamw steps)",
         "peak memory nanoadam / adamw",
+        "update time nanoadam(inplace_apply=True) / adamw",
+        "peak memory nanoadam(inplace_apply=True) / adamw",
     ):
         assert wanted in names
     for s in results["summary"]:

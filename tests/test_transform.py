@@ -493,12 +493,31 @@ def test_learning_rate_schedule_is_not_restarted_by_refreshes(policy):
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
 
 
+def test_inplace_apply_gives_the_same_parameters():
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (12, 9)), "b": jnp.ones(5)}
+    txs = [nanoadam.nanoadamw(1e-2, 0.2, 4, inplace_apply=False)]
+    txs.append(nanoadam.nanoadamw(1e-2, 0.2, 4, inplace_apply=True))
+
+    def run(tx):
+        p, s = params, tx.init(params)
+        for i in range(10):
+            g = jax.tree.map(lambda x, i=i: jnp.cos(x * (i + 2)), p)
+            u, s = jax.jit(tx.update)(g, s, p)
+            p = optax.apply_updates(p, u)
+        return p
+
+    chex.assert_trees_all_close(run(txs[0]), run(txs[1]), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="inplace_apply"):
+        nanoadam.nanoadam(1e-3, inplace_apply="yes")
+
+
 def test_jitted_step_applies_sparse_updates_in_place():
-    # With the learning rate inside sparse_update, XLA turns params + scatter_add(0, ...)
-    # into a scatter-add into the (donated) parameters: the step needs no leaf-sized
-    # temporary buffer (neither a zero-filled update nor a refresh scratch of n entries).
+    # With inplace_apply=True and the learning rate inside sparse_update, XLA turns
+    # params + scatter_add(0, ...) into a scatter-add into the (donated) parameters: the
+    # step needs no leaf-sized temporary buffer (neither a zero-filled update nor a
+    # refresh scratch of n entries).
     params = {"w": jax.random.normal(jax.random.PRNGKey(0), (1024, 1024))}
-    tx = nanoadam.nanoadam(1e-3, density=0.1)
+    tx = nanoadam.nanoadam(1e-3, density=0.1, inplace_apply=True)
 
     def step(p, s, g):
         u, s = tx.update(g, s, p)
