@@ -757,6 +757,12 @@ def sparse_update(
     compact buffers cannot hold more (both layouts cap the same way). Schedules are
     probed eagerly at steps 0, 1, 10, ..., 10**6 at construction.
 
+    **Under** ``jax.vmap`` **with a per-run density** the refresh predicate is batched, and
+    JAX turns a ``lax.cond`` with a batched predicate into a ``select`` of both branches:
+    the selection then runs at every step (same results, slower steps; 1.5x per run-step
+    in ``benchmarks/evidence.py``'s vmapped grids). Vmap over something else (seeds,
+    learning rates) with a shared Python-float density keeps the ``cond``.
+
     Example:
       >>> import jax.numpy as jnp, optax, nanoadam_jax as nanoadam
       >>> tx = nanoadam.sparse_update(optax.scale_by_lion(), density=0.5, mask_interval=10)
