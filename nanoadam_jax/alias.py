@@ -14,6 +14,40 @@ from nanoadam_jax.transform import STEP_ARG, Density, sparse_update
 __all__ = ["nanoadam", "nanoadamw"]
 
 
+def _scale_by_adam_uncorrected(
+    b1: float, b2: float, eps: float, mu_dtype: Any | None
+) -> optax.GradientTransformation:
+    """``optax.scale_by_adam`` without bias correction: ``m / (sqrt(v) + eps)``.
+
+    Same state (``optax.ScaleByAdamState``: count, mu, nu) and the same moment updates
+    as ``optax.scale_by_adam``; only the ``1 / (1 - b**t)`` factors are left out. A fresh
+    entry's first step is then ``(1 - b1) / sqrt(1 - b2)`` (3.16 with the default betas)
+    times ``lr * sign(g)``, instead of ``lr * sign(g)``.
+    """
+    base = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, updates, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * jnp.square(g), updates, state.nu)
+        out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+        mu = jax.tree.map(lambda m, s: m.astype(s.dtype), mu, state.mu)
+        count = optax.safe_increment(state.count)
+        return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(base.init, update_fn)
+
+
+def _adam(
+    b1: float, b2: float, eps: float, mu_dtype: Any | None, bias_correction: bool
+) -> optax.GradientTransformation:
+    if not isinstance(bias_correction, bool):
+        raise ValueError(f"`bias_correction` must be True or False, got {bias_correction!r}")
+    if bias_correction:
+        return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+    return _scale_by_adam_uncorrected(b1, b2, eps, mu_dtype)
+
+
 def _with_learning_rate(
     inner: optax.GradientTransformation, learning_rate: optax.ScalarOrSchedule
 ) -> optax.GradientTransformationExtraArgs:
@@ -50,6 +84,7 @@ def nanoadam(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
+    bias_correction: bool = True,
     mu_dtype: Any | None = None,
     scope: str = "leaf",
     block_size: int | None = None,
@@ -98,6 +133,10 @@ def nanoadam(
         (e.g. :func:`~nanoadam_jax.linear_density_decay`).
       mask_interval: refresh the selection every this many steps.
       b1, b2, eps: Adam's hyperparameters.
+      bias_correction: Adam's ``1 / (1 - b**t)`` correction of the moments (default,
+        as in ``optax.adam``). With ``refresh_policy="reset"`` the count restarts at
+        every refresh, so each newly selected entry's first step is ``lr * sign(g)``;
+        ``False`` makes it ``(1 - b1) / sqrt(1 - b2) = 3.16`` times larger.
       mu_dtype: dtype of the first moment (as in ``optax.adam``).
       scope, block_size, criterion, labels, refresh_policy, state_layout,
       max_density, moment_dtype, narrow_indices, seed, selection_method,
@@ -107,9 +146,7 @@ def nanoadam(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
-    inner = _with_learning_rate(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype), learning_rate
-    )
+    inner = _with_learning_rate(_adam(b1, b2, eps, mu_dtype, bias_correction), learning_rate)
     return optax.chain(
         sparse_update(
             inner,
@@ -140,6 +177,7 @@ def nanoadamw(
     eps: float = 1e-8,
     weight_decay: float = 1e-4,
     *,
+    bias_correction: bool = True,
     mu_dtype: Any | None = None,
     scope: str = "leaf",
     block_size: int | None = None,
@@ -171,7 +209,8 @@ def nanoadamw(
       [-0.005, 0.0, -0.015, 0.0]
 
     Args:
-      learning_rate, density, mask_interval, b1, b2, eps, mu_dtype: see :func:`nanoadam`.
+      learning_rate, density, mask_interval, b1, b2, eps, bias_correction, mu_dtype: see
+        :func:`nanoadam`.
       weight_decay: decoupled weight decay rate (non-negative float).
       scope, block_size, criterion, labels, refresh_policy, state_layout,
       max_density, moment_dtype, narrow_indices, seed, selection_method,
@@ -190,7 +229,7 @@ def nanoadamw(
             raise ValueError(f"`weight_decay` must be a non-negative float, got {weight_decay!r}")
     inner = _with_learning_rate(
         optax.chain(
-            optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+            _adam(b1, b2, eps, mu_dtype, bias_correction),
             optax.add_decayed_weights(weight_decay),
         ),
         learning_rate,

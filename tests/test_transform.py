@@ -526,3 +526,27 @@ def test_jitted_step_applies_sparse_updates_in_place():
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < params["w"].nbytes, temp
+
+
+def test_bias_correction_off_scales_the_first_step_and_keeps_the_state_layout():
+    params = {"w": jnp.linspace(-1.0, 1.0, 10)}
+    g = {"w": jnp.linspace(0.5, 2.0, 10)}
+    on = nanoadam.nanoadam(0.1, density=0.3)
+    off = nanoadam.nanoadam(0.1, density=0.3, bias_correction=False)
+    u_on, s_on = on.update(g, on.init(params), params)
+    u_off, s_off = off.update(g, off.init(params), params)
+    selected = u_on["w"] != 0
+    assert int(selected.sum()) == 3
+    np.testing.assert_allclose(u_on["w"][selected], -0.1, rtol=1e-5)
+    factor = (1 - 0.9) / np.sqrt(1 - 0.999)
+    np.testing.assert_allclose(u_off["w"], factor * u_on["w"], rtol=1e-4)
+    chex.assert_trees_all_equal_structs(s_on, s_off)
+    chex.assert_trees_all_close(s_on[0].sparse_inner_state, s_off[0].sparse_inner_state)
+    # Later steps follow the uncorrected Adam formula m / (sqrt(v) + eps).
+    u2, _ = off.update(g, s_off, params)
+    m = (1 - 0.9**2) * 2 * g["w"] / 2  # two steps of a constant gradient
+    v = (1 - 0.999**2) * g["w"] ** 2
+    expected = -0.1 * m / (np.sqrt(v) + 1e-8)
+    np.testing.assert_allclose(u2["w"][selected], expected[selected], rtol=1e-4)
+    with pytest.raises(ValueError, match="bias_correction"):
+        nanoadam.nanoadamw(0.1, bias_correction=1)
