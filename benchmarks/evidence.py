@@ -21,6 +21,14 @@ Experiments (``--experiment``, comma-separated, default ``all``):
   of ``k``.
 * ``text`` the text part of e1 (MiniLM-L6 truncated to 2 layers on Rotten Tomatoes).
 
+``--task`` picks the model and data of e2-e5 (default ``vision``). With ``--task text`` every
+experiment runs on the text task instead (its own settings, :data:`TEXT`, and results folder,
+``benchmarks/results/evidence-text``): e1 is then the text comparison above (``text`` is the same
+experiment), and the old task of e5 (and of the old-task columns of e2 and e4) is BBC News, as in
+``examples/continual_text.py``: a 5-topic linear head is fitted on the frozen pretrained encoder's
+features (logistic regression) and kept frozen; after fine-tuning on Rotten Tomatoes it is
+applied to the fine-tuned encoder, and its drop in accuracy is the forgetting.
+
 Tasks:
 
 * **vision**: the pretrained ``digit-recognizer-py`` MNIST CNN (99.7% on upright MNIST, about
@@ -32,7 +40,9 @@ Tasks:
 * **text**: all-MiniLM-L6-v2 truncated to its first layers, mean pooling and a new linear head,
   fine-tuned on Rotten Tomatoes sentiment (train/validation/test drawn from 3,300 reviews). The
   word-embedding table (11.7M entries) is frozen for both methods: training it would dominate
-  the CPU cost of this short run.
+  the CPU cost of this short run. With ``--task text`` the old task is BBC News (held-out
+  articles, tokenized at the same sequence length as the reviews); the encoder is shared by
+  both tasks, each task has its own head.
 
 How it stays affordable on 2 busy CPU cores: for each optimizer configuration, the runs of all
 (learning rate, seed, density) points are ``jax.vmap``-ed inside ONE jitted ``lax.scan`` training
@@ -40,13 +50,17 @@ loop (learning rate, seed and density are traced; ``max_density`` sizes the comp
 each configuration compiles once. The CNN's forward pass is written here with an explicit
 im2col + matmul (checked at start-up against ``common.mnist_cnn.MnistCNN`` to 1e-4): XLA's CPU
 convolution gradients are about 30x slower, and vmapped convolutions with one kernel per run
-lower to grouped convolutions that are about 200x slower.
+lower to grouped convolutions that are about 200x slower. On the text task the density is a
+compile-time constant instead (one compilation per configuration and density): a traced density
+turns NanoAdam's refresh ``lax.cond`` into a ``select`` under ``jax.vmap`` (see e1), which on
+the 3.7M-parameter encoder doubles the cost of every step.
 
 Usage::
 
     python benchmarks/evidence.py                        # everything -> benchmarks/results/evidence
     python benchmarks/evidence.py --experiment e2,e3     # a subset (reuses cached runs)
     python benchmarks/evidence.py --smoke --out /tmp/ev  # every experiment in a few steps
+    python benchmarks/evidence.py --task text            # e1-e5 on MiniLM -> .../evidence-text
 
 Outputs in ``--out``: ``e1.json`` ... ``e5.json`` (config, every run, summary), ``e1.png`` ...
 ``e5.png``, ``summary.md`` (machine, versions, date, command, all tables and verdicts) and
@@ -86,7 +100,10 @@ __all__ = [
     "EXPERIMENTS",
     "FULL",
     "SMOKE",
+    "TEXT",
+    "TEXT_SMOKE",
     "Settings",
+    "Sweep",
     "Variant",
     "cnn_logits",
     "main",
@@ -94,9 +111,12 @@ __all__ = [
 ]
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "evidence"
+DEFAULT_OUT_TEXT = REPO / "benchmarks" / "results" / "evidence-text"
 EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "text")
+TASKS = ("vision", "text")
 VISION_ASSETS = ("mnist_cnn", "mnist")
 TEXT_ASSETS = ("minilm", "rotten_tomatoes")
+OLD_TEXT_ASSETS = ("bbc_news",)  # the old task of --task text
 ADAMW_WEIGHT_DECAY = 1e-4  # optax.adamw's default
 SPLIT_SEED = 0
 #: Part of every cached run's key: bump it when a change alters what a run computes.
@@ -120,6 +140,7 @@ class Settings:
     mask_intervals: tuple[int, ...] = (5, 20, 100)  # e3 (plus a static mask)
     e3_lr_neighbours: int = 1  # e3: best LR of the default +- this many grid points
     matched_thresholds: tuple[float, ...] = (0.8, 0.9, 0.95)  # e5: equal new-task accuracy
+    reach: float = 0.9  # e4: which LRs reach this validation accuracy
     vmap_chunk: int = 9  # runs per compiled call (padded): one compilation per configuration
     timing_steps: int = 25
     timing_rounds: int = 4
@@ -134,6 +155,13 @@ class Settings:
     text_lr_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
     text_mask_interval: int = 20
     text_vmap_chunk: int = 3
+    # text, used by --task text only (e2-e5 on the text task)
+    text_old_examples: int = 0  # held-out BBC News articles (the old task); 0: no old task
+    text_old_train_examples: int = 800  # BBC articles the frozen old-task head is fitted on
+    text_old_head_steps: int = 300  # full-batch Adam steps of that fit
+    text_mask_intervals: tuple[int, ...] = (5, 20, 50)
+    text_matched_thresholds: tuple[float, ...] = (0.6, 0.65, 0.7)
+    text_reach: float = 0.7
     curve_points: int = 40
     # XLA options of every compilation; --smoke compiles at -O0 (half the compile time of the
     # default, twice the run time: right for a few steps).
@@ -153,7 +181,44 @@ class Settings:
             "text_val_examples",
             "text_test_examples",
         )
+        if self.text_old_examples:  # absent otherwise: the runs cached before it stay valid
+            keys += ("text_old_examples", "text_old_train_examples", "text_old_head_steps")
         return {k: getattr(self, k) for k in keys}
+
+    def sweep(self, task: str) -> Sweep:
+        """What the experiments read for ``task``: steps, LR grid and mask intervals."""
+        if task == "vision":
+            return Sweep(
+                task,
+                self.steps,
+                self.lr_grid,
+                self.mask_interval,
+                self.mask_intervals,
+                self.matched_thresholds,
+                self.reach,
+            )
+        return Sweep(
+            task,
+            self.text_steps,
+            self.text_lr_grid,
+            self.text_mask_interval,
+            self.text_mask_intervals,
+            self.text_matched_thresholds,
+            self.text_reach,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One task's view of :class:`Settings` (see :meth:`Settings.sweep`)."""
+
+    task: str  # "vision" | "text"
+    steps: int
+    lr_grid: tuple[float, ...]
+    mask_interval: int  # the NanoAdam default of the experiments
+    mask_intervals: tuple[int, ...]  # e3
+    matched_thresholds: tuple[float, ...]  # e5
+    reach: float  # e4
 
 
 FULL = Settings()
@@ -180,6 +245,19 @@ SMOKE = Settings(
     text_mask_interval=1,
     curve_points=10,
     compiler_options=(("xla_backend_optimization_level", 0),),
+)
+#: ``--task text``: e1-e5 on MiniLM, sized to take about half an hour on 2 busy CPU cores.
+TEXT = dataclasses.replace(FULL, text_old_examples=400)
+TEXT_SMOKE = dataclasses.replace(
+    SMOKE,
+    # No transformer layer (embeddings, pooling, heads): each sparse leaf adds NanoAdam selection
+    # code to every compilation, and the 1-layer encoder is already smoke-tested by e1's text part.
+    text_layers=0,
+    text_old_examples=16,
+    text_old_train_examples=40,
+    text_old_head_steps=20,
+    text_mask_intervals=(1,),
+    text_matched_thresholds=(0.5,),
 )
 
 
@@ -276,6 +354,11 @@ class Task:
     eval_chunk: int = 250
     frozen: dict[str, Any] = dataclasses.field(default_factory=dict)  # never trained
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # one compilation per density (a constant), not a traced per-run density (see the docstring)
+    density_per_call: bool = False
+    shared_head: bool = True  # the old and the new task share the trained head (vision)
+    # how the text of the results names things: model, new/old task, unit of data
+    words: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def init(self, params: dict[str, Any], seed: jax.Array) -> dict[str, Any]:
         """The run's initial parameters: ``params`` with, for text, a head drawn from ``seed``."""
@@ -372,6 +455,12 @@ def load_vision_task(s: Settings) -> Task:
         vmap_chunk=s.vmap_chunk,
         new_head=False,
         signature=s.vision_signature(),
+        words={
+            "model": "pretrained CNN",
+            "new": "rotated MNIST",
+            "old": "upright MNIST",
+            "unit": "images",
+        },
         info={
             "im2col_max_abs_error": err,
             "train": len(train),
@@ -397,18 +486,43 @@ def load_text_task(s: Settings) -> Task:
     emb = params["encoder"]["embeddings"]
     frozen = {"encoder": {"embeddings": {"word_embeddings": emb.pop("word_embeddings")}}}
 
-    def apply(p, input_ids, attention_mask):
-        return nnx.merge(graphdef, p)(input_ids, attention_mask)
+    def apply(p, input_ids, attention_mask, head_id=None):
+        """Logits of the new head, or, where ``head_id == 1``, of the frozen old-task head."""
+        p = dict(p)
+        old = p.pop("old_head", None)
+        model = nnx.merge(graphdef, p)
+        if old is None:
+            return model(input_ids, attention_mask)
+        feats = model.encoder.embed(input_ids, attention_mask)
+        old_logits = feats @ old["kernel"] + old["bias"]
+        # The new task has fewer classes: pad with -1e9 (exactly zero probability in float32).
+        new = model.head(feats)
+        new = jnp.pad(
+            new, ((0, 0), (0, old_logits.shape[-1] - new.shape[-1])), constant_values=-1e9
+        )
+        return jnp.where((head_id == 1)[:, None], old_logits, new)
 
     def take(idx):
-        return (ids[idx], mask[idx]), labels[idx]
+        xs = (ids[idx], mask[idx])
+        if s.text_old_examples:
+            xs += (np.zeros(len(idx), np.int32),)
+        return xs, labels[idx]
 
+    evals = {"val": take(parts[1]), "new": take(parts[2])}
+    info: dict[str, Any] = {
+        "train": len(parts[0]),
+        "val": len(parts[1]),
+        "test": len(parts[2]),
+        "majority_test": float(max(np.mean(labels[parts[2]]), 1 - np.mean(labels[parts[2]]))),
+    }
+    if s.text_old_examples:
+        evals["old"], frozen["old_head"], info["old"] = _bbc_old_task(s, model)
     return Task(
         name="text",
         params=params,
         apply=apply,
         train=take(parts[0]),
-        evals={"val": take(parts[1]), "new": take(parts[2])},
+        evals=evals,
         steps=s.text_steps,
         batch_size=s.text_batch_size,
         vmap_chunk=s.text_vmap_chunk,
@@ -416,13 +530,47 @@ def load_text_task(s: Settings) -> Task:
         signature=s.text_signature(),
         eval_chunk=100,
         frozen=frozen,
-        info={
-            "train": len(parts[0]),
-            "val": len(parts[1]),
-            "test": len(parts[2]),
-            "majority_test": float(max(np.mean(labels[parts[2]]), 1 - np.mean(labels[parts[2]]))),
+        density_per_call=True,
+        shared_head=False,
+        words={
+            "model": f"MiniLM-L6 ({s.text_layers} layers)",
+            "new": "Rotten Tomatoes",
+            "old": "BBC News",
+            "unit": "reviews",
         },
+        info=info,
     )
+
+
+def _bbc_old_task(s: Settings, model) -> tuple[Any, dict[str, jax.Array], dict[str, Any]]:
+    """The old task of ``--task text``: held-out BBC News articles and a frozen topic head.
+
+    As in ``examples/continual_text.py``: the head is a logistic regression fitted on the frozen
+    pretrained encoder's mean-pooled features of other articles. Returns the evaluation set
+    (inputs with ``head_id`` 1), the head and a description.
+    """
+    from common.minilm import MiniLMTokenizer
+    from continual_text import fit_linear_head
+
+    texts, labels, classes = assets.load_bbc_news()
+    train, test = assets.split_indices(len(texts), test_size=s.text_old_examples, seed=SPLIT_SEED)
+    train = np.sort(
+        np.random.default_rng(SPLIT_SEED).permutation(train)[: s.text_old_train_examples]
+    )
+    tok = MiniLMTokenizer(max_length=s.text_seq_len)
+    embed = nnx.jit(lambda m, ids, mask: m.encoder.embed(ids, mask))
+    feats = np.concatenate(
+        [
+            embed(model, *tok([texts[i] for i in train[j : j + 100]]))
+            for j in range(0, len(train), 100)
+        ]
+    )
+    w, b = fit_linear_head(feats, labels[train], len(classes), s.text_old_head_steps)
+    ids, mask = tok([texts[i] for i in test])
+    inputs = (ids, mask, np.ones(len(test), np.int32))
+    train_acc = float(np.mean(np.argmax(feats @ w + b, -1) == labels[train]))
+    info = {"train": len(train), "test": len(test), "classes": classes, "head_train_acc": train_acc}
+    return (inputs, labels[test]), {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}, info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,14 +595,19 @@ def _fraction_changed(params, init, labels) -> jax.Array:
     return changed / max(total, 1)
 
 
-def make_grid_fn(task: Task, variant: Variant, max_density: float | None) -> Callable:
+def make_grid_fn(
+    task: Task, variant: Variant, max_density: float | None, density: float | None = None
+) -> Callable:
     """Jitted ``(lrs, seeds, densities, batch_idx, params, data) -> metrics``.
 
     Vmapped over the runs (the first four arguments); ``params`` and ``data`` are shared.
+    A ``density`` given here is a compile-time constant that replaces the traced densities.
     """
     labels = task.body_labels()
+    static_density = density
 
-    def one(lr, seed, density, idx, params, data):
+    def one(lr, seed, traced_density, idx, params, data):
+        density = traced_density if static_density is None else static_density
         p0 = task.init(params, seed)
         tx = variant.make(lr, density, seed, task.steps, max_density)
         inputs, y = data["train"]
@@ -523,14 +676,21 @@ class Runner:
         keys = [self.run_key(task, variant, *p) for p in points]
         todo = [p for p, k in zip(points, keys) if k not in self.cache]
         chunk = task.vmap_chunk
-        for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
-            self._compute(task, variant, part + [part[-1]] * (chunk - len(part)), len(part))
+        # With a compile-time density, each call holds the runs of one density.
+        groups = (
+            [[p for p in todo if p[2] == d] for d in densities] if task.density_per_call else [todo]
+        )
+        for group in groups:
+            for start in range(0, len(group), chunk):
+                part = group[start : start + chunk]
+                self._compute(task, variant, part + [part[-1]] * (chunk - len(part)), len(part))
         self.used.update(keys)
         return [self.cache[k] for k in keys]
 
     def _compute(self, task: Task, variant: Variant, points, n_real: int) -> None:
-        fkey = (task.name, variant.key)
+        static = task.density_per_call and variant.method != "adamw"
+        density = points[0][2] if static else None
+        fkey = (task.name, variant.key, density)
         lrs = jnp.asarray([p[0] for p in points], jnp.float32)
         seeds = jnp.asarray([p[1] for p in points], jnp.int32)
         dens = jnp.asarray([p[2] for p in points], jnp.float32)
@@ -540,11 +700,13 @@ class Runner:
         )
         args = (lrs, seeds, dens, idx, task.params, task.data())
         label = f"{task.name} {variant.key}: {n_real} runs x {task.steps} steps"
+        if density is not None:
+            label += f" (d={density:g})"
         if self.progress:
             print(f"  running {label} ...", end="", flush=True)
         w0, c0 = time.perf_counter(), time.process_time()
         if fkey not in self.fns:
-            fn = make_grid_fn(task, variant, max(self.s.densities))
+            fn = make_grid_fn(task, variant, max(self.s.densities), density)
             self.fns[fkey] = _compile(fn, args, self.s)
         out = jax.device_get(self.fns[fkey](*args))
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -691,17 +853,20 @@ def _zoom(values: Sequence[float], errs: Sequence[float]) -> tuple[float, float]
 # ------------------------------------------------------------------------------------------------
 
 
-def default_variant(s: Settings) -> Variant:
-    return Variant("nanoadam", mask_interval=s.mask_interval)
+def default_variant(sw: Sweep) -> Variant:
+    return Variant("nanoadam", mask_interval=sw.mask_interval)
 
 
-def _grid(runner: Runner, variant: Variant, density: float | None = None) -> dict[str, Any]:
+def _grid(
+    runner: Runner, sw: Sweep, variant: Variant, density: float | None = None
+) -> dict[str, Any]:
+    """``variant`` over ``sw``'s LR grid (the default variant: at every density)."""
     s = runner.s
     if variant.method == "adamw":
-        return lr_table(runner.runs("vision", variant, s.lr_grid))
+        return lr_table(runner.runs(sw.task, variant, sw.lr_grid))
     d = s.densities[0] if density is None else density
-    dens = s.densities if variant == default_variant(s) else (d,)
-    return lr_table(runner.runs("vision", variant, s.lr_grid, dens), d)
+    dens = s.densities if variant == default_variant(sw) else (d,)
+    return lr_table(runner.runs(sw.task, variant, sw.lr_grid, dens), d)
 
 
 def state_bytes(task: Task, s: Settings, mask_interval: int) -> dict[str, int]:
@@ -771,19 +936,22 @@ def time_steps(task: Task, s: Settings) -> dict[str, Any]:
     }
 
 
-def experiment_e4(runner: Runner) -> dict[str, Any]:
-    s = runner.s
-    tables = {f"nanoadam d={d:g}": _grid(runner, default_variant(s), d) for d in s.densities}
-    tables["adamw"] = _grid(runner, ADAMW)
+def experiment_e4(runner: Runner, task: str = "vision") -> dict[str, Any]:
+    s, sw = runner.s, runner.s.sweep(task)
+    words = runner.task(task).words
+    tables = {f"nanoadam d={d:g}": _grid(runner, sw, default_variant(sw), d) for d in s.densities}
+    tables["adamw"] = _grid(runner, sw, ADAMW)
+    reach = f"{100 * sw.reach:g}"
+    reach_key = f"lrs_reaching_{reach}pct"
     lines = [
-        "Test accuracy (%) on rotated MNIST, mean ± std over seeds, per learning rate "
-        f"(NanoAdam: mask_interval {s.mask_interval}, refresh 'reset'). **Bold**: the best LR "
+        f"Test accuracy (%) on {words['new']}, mean ± std over seeds, per learning rate "
+        f"(NanoAdam: mask_interval {sw.mask_interval}, refresh 'reset'). **Bold**: the best LR "
         "on the validation split.",
         "",
         "| learning rate | " + " | ".join(tables) + " |",
         "|---|" + "---|" * len(tables),
     ]
-    for lr in s.lr_grid:
+    for lr in sw.lr_grid:
         cells = []
         for t in tables.values():
             row = t["rows"][lr]
@@ -792,7 +960,7 @@ def experiment_e4(runner: Runner) -> dict[str, Any]:
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     # tolerance: width of the LR range within 1 point of each method's best (validation)
     tol = {}
-    grid = sorted(s.lr_grid)
+    grid = sorted(sw.lr_grid)
     for name, t in tables.items():
         rows, best = t["rows"], t["best_lr"]
         i = grid.index(best)
@@ -801,7 +969,7 @@ def experiment_e4(runner: Runner) -> dict[str, Any]:
             "lrs_within_1pt_of_best": [
                 lr for lr, r in rows.items() if r["val"][0] >= t["best"]["val"][0] - 0.01
             ],
-            "lrs_reaching_90pct": [lr for lr, r in rows.items() if r["val"][0] >= 0.9],
+            reach_key: [lr for lr, r in rows.items() if r["val"][0] >= sw.reach],
             "drop_one_step_up": None
             if i + 1 >= len(grid)
             else t["best"]["test"][0] - rows[grid[i + 1]]["test"][0],
@@ -818,14 +986,14 @@ def experiment_e4(runner: Runner) -> dict[str, Any]:
 
     lines += [
         "",
-        "| method | best LR | LRs within 1 point of its best (val.) | LRs reaching 90% (val.) | "
-        "test drop one grid step above the best | one step below |",
+        "| method | best LR | LRs within 1 point of its best (val.) | "
+        f"LRs reaching {reach}% (val.) | test drop one grid step above the best | one step below |",
         "|---|---|---|---|---|---|",
     ]
     for name, v in tol.items():
         lines.append(
             f"| {name} | {v['best_lr']:g} | {lrs(v['lrs_within_1pt_of_best'])} | "
-            f"{lrs(v['lrs_reaching_90pct'])} | {drop(v['drop_one_step_up'])} | "
+            f"{lrs(v[reach_key])} | {drop(v['drop_one_step_up'])} | "
             f"{drop(v['drop_one_step_down'])} |"
         )
     nano, adamw = tables[f"nanoadam d={s.densities[0]:g}"], tables["adamw"]
@@ -841,8 +1009,9 @@ def experiment_e4(runner: Runner) -> dict[str, Any]:
     ]
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    _plot_lr_curves(a1, tables, "test", "New task (rotated MNIST) test accuracy")
-    _plot_lr_curves(a2, tables, "old", "Old task (upright MNIST) accuracy after")
+    _plot_lr_curves(a1, tables, "test", f"New task ({words['new']}) test accuracy")
+    if all(t["best"]["old"] is not None for t in tables.values()):
+        _plot_lr_curves(a2, tables, "old", f"Old task ({words['old']}) accuracy after")
     fig.suptitle(f"E4: learning-rate tolerance ({len(s.seeds)} seeds, ★ = best LR on validation)")
     fig.tight_layout()
     return {"tables": tables, "tolerance": tol, "markdown": "\n".join(lines), "figure": fig}
@@ -850,16 +1019,17 @@ def experiment_e4(runner: Runner) -> dict[str, Any]:
 
 def experiment_e1(runner: Runner, with_text: bool) -> dict[str, Any]:
     s = runner.s
+    sw = s.sweep("vision")
     task = runner.task("vision")
-    nano = _grid(runner, default_variant(s))
-    adamw = _grid(runner, ADAMW)
+    nano = _grid(runner, sw, default_variant(sw))
+    adamw = _grid(runner, sw, ADAMW)
     before = runner.base_accuracy("vision")
     sb = state_bytes(task, s, s.mask_interval)
     timing = time_steps(task, s)
     grid_cpu = {
         # the fastest call: the first call of a configuration also compiles it
         name: min(r["call_cpu_s_per_run_step"] for r in runner.runs("vision", v, s.lr_grid))
-        for name, v in (("nanoadam", default_variant(s)), ("adamw", ADAMW))
+        for name, v in (("nanoadam", default_variant(sw)), ("adamw", ADAMW))
     }
     grid_ratio = grid_cpu["nanoadam"] / grid_cpu["adamw"]
     n = len(s.seeds)
@@ -950,18 +1120,19 @@ def experiment_e1(runner: Runner, with_text: bool) -> dict[str, Any]:
     return result
 
 
-def experiment_text(runner: Runner) -> dict[str, Any]:
-    s = runner.s
+def experiment_text(runner: Runner, figure: bool = False) -> dict[str, Any]:
+    """E1 on the text task: part of e1 (``--task vision``), or e1 itself (``--task text``)."""
+    s, sw = runner.s, runner.s.sweep("text")
     task = runner.task("text")
-    variant = Variant("nanoadam", mask_interval=s.text_mask_interval)
-    nano = lr_table(runner.runs("text", variant, s.text_lr_grid, (s.densities[0],)))
-    adamw = lr_table(runner.runs("text", ADAMW, s.text_lr_grid))
-    sb = state_bytes(task, s, s.text_mask_interval)
+    variant = default_variant(sw)
+    nano = lr_table(runner.runs("text", variant, sw.lr_grid, (s.densities[0],)))
+    adamw = lr_table(runner.runs("text", ADAMW, sw.lr_grid))
+    sb = state_bytes(task, s, sw.mask_interval)
     per_step = {
         name: statistics.median(r["call_cpu_s_per_run_step"] for r in t_runs)
         for name, t_runs in (
-            ("nanoadam", runner.runs("text", variant, s.text_lr_grid, (s.densities[0],))),
-            ("adamw", runner.runs("text", ADAMW, s.text_lr_grid)),
+            ("nanoadam", runner.runs("text", variant, sw.lr_grid, (s.densities[0],))),
+            ("adamw", runner.runs("text", ADAMW, sw.lr_grid)),
         )
     }
     dname = f"nanoadam d={s.densities[0]:g}"
@@ -974,7 +1145,7 @@ def experiment_text(runner: Runner) -> dict[str, Any]:
         f"Rotten Tomatoes, sequence length {s.text_seq_len}, {s.text_steps} steps of batch "
         f"{s.text_batch_size} on {task.info['train']} reviews, test on {task.info['test']} "
         f"(majority class {100 * task.info['majority_test']:.1f}%). NanoAdam mask_interval "
-        f"{s.text_mask_interval}. LR grid {', '.join(f'{x:g}' for x in s.text_lr_grid)}.",
+        f"{sw.mask_interval}. LR grid {', '.join(f'{x:g}' for x in sw.lr_grid)}.",
         "",
         "| method | best LR | test acc. (%) | optimizer state | CPU s per run-step (vmapped) |",
         "|---|---|---|---|---|",
@@ -988,7 +1159,7 @@ def experiment_text(runner: Runner) -> dict[str, Any]:
         "| learning rate | " + dname + " | adamw |",
         "|---|---|---|",
     ]
-    for lr in s.text_lr_grid:
+    for lr in sw.lr_grid:
         lines.append(
             f"| {lr:g} | {pct(nano['rows'][lr]['test'])} | {pct(adamw['rows'][lr]['test'])} |"
         )
@@ -1000,7 +1171,7 @@ def experiment_text(runner: Runner) -> dict[str, Any]:
         f"- CPU time per run-step inside the vmapped grid (evaluation included): NanoAdam / AdamW "
         f"= {per_step['nanoadam'] / per_step['adamw']:.2f}.",
     ]
-    return {
+    result = {
         "nanoadam": nano,
         "adamw": adamw,
         "state_bytes": sb,
@@ -1008,23 +1179,35 @@ def experiment_text(runner: Runner) -> dict[str, Any]:
         "info": task.info,
         "markdown": "\n".join(lines),
     }
+    if figure:
+        plt = _plt()
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        vals = [100 * t["best"]["test"][0] for t in (nano, adamw)]
+        errs = [100 * t["best"]["test"][1] for t in (nano, adamw)]
+        _bars(a1, [dname, "adamw"], vals, errs, "test accuracy (%)", "At each one's best LR",
+              "%.2f", _zoom(vals, errs))  # fmt: skip
+        _plot_lr_curves(a2, {dname: nano, "adamw": adamw}, "test", "Test accuracy vs LR")
+        fig.suptitle(f"E1: NanoAdam (d={s.densities[0]:g}) vs AdamW on Rotten Tomatoes ({n} seeds)")
+        fig.tight_layout()
+        result["figure"] = fig
+    return result
 
 
-def experiment_e2(runner: Runner) -> dict[str, Any]:
-    s = runner.s
+def experiment_e2(runner: Runner, task: str = "vision") -> dict[str, Any]:
+    s, sw = runner.s, runner.s.sweep(task)
     variants = {
-        "smallest |w| (dynamic)": default_variant(s),
-        "random (dynamic)": Variant("nanoadam", criterion="random", mask_interval=s.mask_interval),
+        "smallest |w| (dynamic)": default_variant(sw),
+        "random (dynamic)": Variant("nanoadam", criterion="random", mask_interval=sw.mask_interval),
         "largest |w| (dynamic)": Variant(
-            "nanoadam", criterion="largest", mask_interval=s.mask_interval
+            "nanoadam", criterion="largest", mask_interval=sw.mask_interval
         ),
         "smallest |w| (static mask)": Variant("nanoadam", mask_interval=None),
     }
-    tables = {name: _grid(runner, v) for name, v in variants.items()}
+    tables = {name: _grid(runner, sw, v) for name, v in variants.items()}
     n = len(s.seeds)
     lines = [
-        f"Density {s.densities[0]:g}, mask_interval {s.mask_interval} (static: selected once at "
-        f"step 0), refresh 'reset', {s.steps} steps. Each at its best LR (validation).",
+        f"Density {s.densities[0]:g}, mask_interval {sw.mask_interval} (static: selected once at "
+        f"step 0), refresh 'reset', {sw.steps} steps. Each at its best LR (validation).",
         "",
         "| selection | best LR | test acc. (%) | old-task acc. after (%) | body weights changed |",
         "|---|---|---|---|---|",
@@ -1063,11 +1246,12 @@ def experiment_e2(runner: Runner) -> dict[str, Any]:
     )
     fig.suptitle(f"E2: selection criterion and static vs dynamic mask ({n} seeds)")
     fig.tight_layout()
-    diag = gradient_diagnostic(runner.task("vision"), s.densities[0])
+    diag = gradient_diagnostic(runner.task(task), s.densities[0])
+    unit = runner.task(task).words["unit"]
     lines += [
         "",
         f"Why (diagnostic at the pretrained weights, gradient summed over {diag['images']} "
-        f"rotated training images, density {s.densities[0]:g}, all sparse leaves pooled; "
+        f"training {unit} of the new task, density {s.densities[0]:g}, all sparse leaves pooled; "
         f"{100 * diag['all_zero_grad']:.1f}% of all sparse entries have an exactly zero "
         "gradient):",
         "",
@@ -1105,12 +1289,22 @@ def gradient_diagnostic(task: Task, density: float, images: int = 512) -> dict[s
     all_g = np.concatenate([np.abs(np.asarray(g)).ravel() for g in gs])
     all_w = np.concatenate([np.abs(np.asarray(w)).ravel() for w in ws])
     out: dict[str, Any] = {"images": n, "all_zero_grad": float(np.mean(all_g == 0)), "criteria": {}}
-    for crit in ("smallest", "random", "largest"):
-        sel_g, sel_w = [], []
-        for i, (w, g) in enumerate(zip(ws, gs)):
-            m = np.asarray(
+    criteria = ("smallest", "random", "largest")
+
+    @jax.jit  # one compilation: op by op, the many leaves of the text encoder take 10+ s
+    def select(ws):
+        return {
+            crit: [
                 nanoadam.select_mask(w, density, criterion=crit, key=jax.random.PRNGKey(i))
-            )
+                for i, w in enumerate(ws)
+            ]
+            for crit in criteria
+        }
+
+    masks = jax.device_get(select(ws))
+    for crit in criteria:
+        sel_g, sel_w = [], []
+        for w, g, m in zip(ws, gs, masks[crit]):
             sel_g.append(np.abs(np.asarray(g))[m])
             sel_w.append(np.abs(np.asarray(w))[m])
         sg, sw = np.concatenate(sel_g), np.concatenate(sel_w)
@@ -1122,66 +1316,66 @@ def gradient_diagnostic(task: Task, density: float, images: int = 512) -> dict[s
     return out
 
 
-def _neighbour_lrs(s: Settings, best: float) -> list[float]:
+def _neighbour_lrs(s: Settings, sw: Sweep, best: float) -> list[float]:
     """``best`` and its ``e3_lr_neighbours`` neighbours on each side in the LR grid."""
-    grid = sorted(set(s.lr_grid))
+    grid = sorted(set(sw.lr_grid))
     i, k = grid.index(best), s.e3_lr_neighbours
     return [grid[j] for j in range(max(0, i - k), min(len(grid), i + k + 1))]
 
 
-def experiment_e3(runner: Runner) -> dict[str, Any]:
-    s = runner.s
-    lrs = _neighbour_lrs(s, _grid(runner, default_variant(s))["best_lr"])
+def experiment_e3(runner: Runner, task: str = "vision") -> dict[str, Any]:
+    s, sw = runner.s, runner.s.sweep(task)
+    lrs = _neighbour_lrs(s, sw, _grid(runner, sw, default_variant(sw))["best_lr"])
     tables: dict[str, dict[str, Any]] = {}
-    for m in s.mask_intervals:
+    for m in sw.mask_intervals:
         for policy in ("reset", "keep"):
             v = Variant("nanoadam", refresh_policy=policy, mask_interval=m)
-            runs = runner.runs("vision", v, lrs if v != default_variant(s) else s.lr_grid)
+            runs = runner.runs(task, v, lrs if v != default_variant(sw) else sw.lr_grid)
             runs = [r for r in runs if r["lr"] in lrs]
             tables[f"{policy} m={m}"] = lr_table(runs, s.densities[0])
     static = [
         r
         for r in runner.runs(
-            "vision", Variant("nanoadam", mask_interval=None), s.lr_grid, (s.densities[0],)
+            task, Variant("nanoadam", mask_interval=None), sw.lr_grid, (s.densities[0],)
         )
         if r["lr"] in lrs
     ]
-    tables[f"static (m>{s.steps})"] = lr_table(static, s.densities[0])
+    tables[f"static (m>{sw.steps})"] = lr_table(static, s.densities[0])
     n = len(s.seeds)
     lines = [
-        f"Density {s.densities[0]:g}, {s.steps} steps; LRs {', '.join(f'{x:g}' for x in lrs)} "
+        f"Density {s.densities[0]:g}, {sw.steps} steps; LRs {', '.join(f'{x:g}' for x in lrs)} "
         f"(the default configuration's best LR and its neighbours); each cell at its best LR "
         "(validation). Test accuracy (%):",
         "",
         "| mask_interval | refreshes in the run | reset | keep | keep - reset |",
         "|---|---|---|---|---|",
     ]
-    for m in s.mask_intervals:
+    for m in sw.mask_intervals:
         r, kp = tables[f"reset m={m}"], tables[f"keep m={m}"]
         lines.append(
-            f"| {m} | {-(-s.steps // m) - 1} | {pct(r['best']['test'])} (lr {r['best_lr']:g}) | "
+            f"| {m} | {-(-sw.steps // m) - 1} | {pct(r['best']['test'])} (lr {r['best_lr']:g}) | "
             f"{pct(kp['best']['test'])} (lr {kp['best_lr']:g}) | "
             f"{100 * (kp['best']['test'][0] - r['best']['test'][0]):+.2f} |"
         )
-    st = tables[f"static (m>{s.steps})"]
+    st = tables[f"static (m>{sw.steps})"]
     lines.append(
-        f"| static (> {s.steps}) | 0 | {pct(st['best']['test'])} (lr {st['best_lr']:g})"
+        f"| static (> {sw.steps}) | 0 | {pct(st['best']['test'])} (lr {st['best_lr']:g})"
         " | same | 0 |"
     )
     for policy in ("reset", "keep"):
-        means = [tables[f"{policy} m={m}"]["best"]["test"][0] for m in s.mask_intervals]
+        means = [tables[f"{policy} m={m}"]["best"]["test"][0] for m in sw.mask_intervals]
         lines.append(
-            f"- {policy}: spread over mask_interval {s.mask_intervals}: "
+            f"- {policy}: spread over mask_interval {sw.mask_intervals}: "
             f"{100 * (max(means) - min(means)):.2f} pts (paper: < 0.5 pts for m in 10-1500)."
         )
-    for m in s.mask_intervals:
+    for m in sw.mask_intervals:
         r, kp = tables[f"reset m={m}"], tables[f"keep m={m}"]
         lines.append(
             f"- m={m}: {compare('keep', kp['best']['test'], 'reset', r['best']['test'], n)}."
         )
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    xs = list(s.mask_intervals)
+    xs = list(sw.mask_intervals)
     for j, policy in enumerate(("reset", "keep")):
         m_ = [100 * tables[f"{policy} m={m}"]["best"]["test"][0] for m in xs]
         e_ = [100 * tables[f"{policy} m={m}"]["best"]["test"][1] for m in xs]
@@ -1212,22 +1406,25 @@ def rounding_table(task: Task, densities: Sequence[float]) -> list[dict[str, Any
     return rows
 
 
-def experiment_e5(runner: Runner) -> dict[str, Any]:
-    s = runner.s
-    task = runner.task("vision")
-    tables = {f"nanoadam d={d:g}": _grid(runner, default_variant(s), d) for d in s.densities}
-    # Diagnostic: is the forgetting due to the densely updated head (shared by both tasks)?
-    # Only on the default's best LR and its neighbours, like e3.
-    head_sparse = f"nanoadam d={s.densities[0]:g}, head sparse too (diagnostic)"
-    diag_lrs = _neighbour_lrs(s, tables[f"nanoadam d={s.densities[0]:g}"]["best_lr"])
-    diag_variant = dataclasses.replace(default_variant(s), dense_head=False)
-    tables[head_sparse] = lr_table(runner.runs("vision", diag_variant, diag_lrs))
-    tables["adamw"] = _grid(runner, ADAMW)
-    before = runner.base_accuracy("vision")
+def experiment_e5(runner: Runner, task_name: str = "vision") -> dict[str, Any]:
+    s, sw = runner.s, runner.s.sweep(task_name)
+    task = runner.task(task_name)
+    words = task.words
+    tables = {f"nanoadam d={d:g}": _grid(runner, sw, default_variant(sw), d) for d in s.densities}
+    diag_lrs: list[float] = []
+    if task.shared_head:
+        # Diagnostic: is the forgetting due to the densely updated head (shared by both tasks)?
+        # Only on the default's best LR and its neighbours, like e3.
+        head_sparse = f"nanoadam d={s.densities[0]:g}, head sparse too (diagnostic)"
+        diag_lrs = _neighbour_lrs(s, sw, tables[f"nanoadam d={s.densities[0]:g}"]["best_lr"])
+        diag_variant = dataclasses.replace(default_variant(sw), dense_head=False)
+        tables[head_sparse] = lr_table(runner.runs(task_name, diag_variant, diag_lrs))
+    tables["adamw"] = _grid(runner, sw, ADAMW)
+    before = runner.base_accuracy(task_name)
     n = len(s.seeds)
     lines = [
-        f"Old task: upright MNIST ({100 * before['old']:.2f}% before fine-tuning); new task: "
-        f"rotated MNIST ({100 * before['new']:.2f}% before). mask_interval {s.mask_interval}, "
+        f"Old task: {words['old']} ({100 * before['old']:.2f}% before fine-tuning); new task: "
+        f"{words['new']} ({100 * before['new']:.2f}% before). mask_interval {sw.mask_interval}, "
         "each method at its best LR for the NEW task (validation); forgetting = old-task "
         "accuracy before - after.",
         "",
@@ -1243,12 +1440,18 @@ def experiment_e5(runner: Runner) -> dict[str, Any]:
             f"{100 * f[0]:.2f} ± {100 * f[1]:.2f} |"
         )
     names = list(tables)
-    lines += [
-        "",
-        f"- The diagnostic (head sparse too, so the 10-class head shared by both tasks only moves "
-        f"on {s.densities[0]:g} of its entries) ran on LRs {', '.join(f'{x:g}' for x in diag_lrs)}"
-        " only.",
-    ]
+    lines.append("")
+    if diag_lrs:
+        lines.append(
+            f"- The diagnostic (head sparse too, so the 10-class head shared by both tasks only "
+            f"moves on {s.densities[0]:g} of its entries) ran on LRs "
+            f"{', '.join(f'{x:g}' for x in diag_lrs)} only."
+        )
+    else:
+        lines.append(
+            f"- Each task has its own head: the {words['old']} head is frozen, so all forgetting "
+            "comes from the shared encoder."
+        )
     for name in names:
         if name == "adamw":
             continue
@@ -1272,7 +1475,7 @@ def experiment_e5(runner: Runner) -> dict[str, Any]:
         "| threshold | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    for thr in s.matched_thresholds:
+    for thr in sw.matched_thresholds:
         cells = []
         for name in names:
             rows = tables[name]["rows"]
@@ -1290,7 +1493,7 @@ def experiment_e5(runner: Runner) -> dict[str, Any]:
         "",
         "Rounding of k (library rule, per sparse leaf): `k = clip(round_half_up(d * n), 1, n)` "
         "computed in float32 (`nanoadam_jax.num_selected`); dense leaves (head, norms) are "
-        "updated in full. On this CNN:",
+        f"updated in full. On this {words['model']}:",
         "",
         "| leaf | label | n | " + " | ".join(f"k at d={d:g}" for d in s.densities) + " |",
         "|---|---|---|" + "---|" * len(s.densities),
@@ -1303,7 +1506,9 @@ def experiment_e5(runner: Runner) -> dict[str, Any]:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = np.arange(len(names))
     w = 0.38
-    for j, (key, lab) in enumerate((("test", "new task (rotated)"), ("old", "old task after"))):
+    for j, (key, lab) in enumerate(
+        (("test", f"new task ({words['new']})"), ("old", "old task after"))
+    ):
         v = [100 * tables[k]["best"][key][0] for k in names]
         e = [100 * tables[k]["best"][key][1] for k in names]
         rects = a1.bar(x + (j - 0.5) * w, v, w, yerr=e, capsize=3, label=lab, color=f"C{j}")
@@ -1335,7 +1540,7 @@ def experiment_e5(runner: Runner) -> dict[str, Any]:
     )
     a2.grid(alpha=0.3)
     a2.legend(fontsize=8)
-    fig.suptitle(f"E5: forgetting, pretrained CNN fine-tuned on rotated MNIST ({n} seeds)")
+    fig.suptitle(f"E5: forgetting, {words['model']} fine-tuned on {words['new']} ({n} seeds)")
     fig.tight_layout()
     return {
         "tables": tables,
@@ -1365,10 +1570,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="all",
         help=f"comma-separated subset of {','.join(EXPERIMENTS)}, or 'all'",
     )
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default="vision",
+        help="model and data of the experiments (text: MiniLM on Rotten Tomatoes, old task BBC "
+        "News; e1 is then the text comparison)",
+    )
     p.add_argument("--smoke", action="store_true", help="every experiment in a few steps")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
     p.add_argument("--no-text", action="store_true", help="skip the text part of e1")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results folder (default: {DEFAULT_OUT.relative_to(REPO)}, or "
+        f"{DEFAULT_OUT_TEXT.relative_to(REPO)} with --task text)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     names = (
@@ -1384,6 +1602,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.experiments = names
     if args.seeds is not None and args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if args.out is None:
+        args.out = DEFAULT_OUT_TEXT if args.task == "text" else DEFAULT_OUT
     return args
 
 
@@ -1399,10 +1619,19 @@ def _jsonable(x: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    settings = SMOKE if args.smoke else FULL
+    task = args.task
+    settings = {
+        ("vision", False): FULL,
+        ("vision", True): SMOKE,
+        ("text", False): TEXT,
+        ("text", True): TEXT_SMOKE,
+    }[task, args.smoke]
     if args.seeds is not None:
         settings = dataclasses.replace(settings, seeds=tuple(range(args.seeds)))
-    need = list(VISION_ASSETS) + (list(TEXT_ASSETS) if "text" in args.experiments else [])
+    if task == "text":
+        need = [*TEXT_ASSETS, *OLD_TEXT_ASSETS]
+    else:
+        need = list(VISION_ASSETS) + (list(TEXT_ASSETS) if "text" in args.experiments else [])
     missing = assets.missing_assets(*need)
     if missing:
         raise SystemExit("Missing offline assets. Install them with:\n  " + "\n  ".join(missing))
@@ -1429,7 +1658,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.quiet:
             print(f"[{name}]", flush=True)
         if name == "e1":
-            if "e1" in args.experiments:
+            if task == "text":
+                res = experiment_text(runner, figure=True)
+            elif "e1" in args.experiments:
                 res = experiment_e1(runner, with_text="text" in args.experiments)
             else:  # text alone
                 res = {"text": experiment_text(runner)}
@@ -1440,7 +1671,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "e3": experiment_e3,
                 "e4": experiment_e4,
                 "e5": experiment_e5,
-            }[name](runner)
+            }[name](runner, task)
         used, runner.used = runner.used, set()
         fig = res.pop("figure", None)
         if fig is not None:
@@ -1457,7 +1688,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (out / f"{name}.json").write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
         results[name] = res
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    summary = _summary_md(settings, machine, command, results, runner, wall, cpu, args.smoke)
+    summary = _summary_md(settings, machine, command, results, runner, wall, cpu, args.smoke, task)
     (out / "summary.md").write_text(summary)
     if not args.quiet:
         print(summary)
@@ -1471,10 +1702,32 @@ def _cached_cpu(runner: Runner) -> float:
     return sum(r["call_cpu_s_per_run_step"] * steps[r["task"]] for r in runner.cache.values())
 
 
-def _summary_md(settings, machine, command, results, runner, wall, cpu, smoke) -> str:
+def _protocol(s: Settings, task: str) -> str:
+    """The task's part of the summary's protocol line."""
+    if task == "vision":
+        return (
+            f"Vision: {s.steps} steps, batch {s.batch_size}, {s.train_examples} training / "
+            f"{s.val_examples} validation / {s.test_examples} test images, LR grid "
+            f"{', '.join(f'{x:g}' for x in s.lr_grid)}."
+        )
+    return (
+        f"Text: all-MiniLM-L6-v2 truncated to {s.text_layers} layer(s) (word-embedding table "
+        f"frozen) + new 2-class head, {s.text_steps} steps, batch {s.text_batch_size}, sequence "
+        f"length {s.text_seq_len}, {s.text_train_examples} training / {s.text_val_examples} "
+        f"validation / {s.text_test_examples} test reviews (Rotten Tomatoes), LR grid "
+        f"{', '.join(f'{x:g}' for x in s.text_lr_grid)}, NanoAdam mask_interval "
+        f"{s.text_mask_interval} (e3: {', '.join(map(str, s.text_mask_intervals))}). Old task: "
+        f"BBC News, {s.text_old_examples} held-out articles; its 5-topic head is a logistic "
+        f"regression ({s.text_old_head_steps} Adam steps) on the frozen pretrained encoder's "
+        f"features of {s.text_old_train_examples} other articles, kept frozen."
+    )
+
+
+def _summary_md(settings, machine, command, results, runner, wall, cpu, smoke, task) -> str:
     s = settings
     lines = [
         "# Evidence: NanoAdam vs AdamW and the paper's ablations"
+        + (" (text task: MiniLM on Rotten Tomatoes, BBC News)" if task == "text" else "")
         + (" (SMOKE RUN)" if smoke else ""),
         "",
         f"- Command: `{command}`",
@@ -1492,12 +1745,14 @@ def _summary_md(settings, machine, command, results, runner, wall, cpu, smoke) -
         "calls, compilation included).",
         f"- Protocol: {len(s.seeds)} seeds ({', '.join(map(str, s.seeds))}), each method at its "
         "own best learning rate on a validation split, reported on a separate test split as "
-        "mean ± sample std over seeds. Vision: "
-        f"{s.steps} steps, batch {s.batch_size}, {s.train_examples} training / {s.val_examples} "
-        f"validation / {s.test_examples} test images, LR grid "
-        f"{', '.join(f'{x:g}' for x in s.lr_grid)}. AdamW: `optax.adamw` (weight decay "
+        f"mean ± sample std over seeds. {_protocol(s, task)} AdamW: `optax.adamw` (weight decay "
         f"{ADAMW_WEIGHT_DECAY:g}); NanoAdam: `nanoadam_jax.nanoadam` (no weight decay), head "
-        "updated densely, all other leaves (kernels and biases) sparse.",
+        + (
+            "updated densely, all other leaves (kernels and biases) sparse."
+            if task == "vision"
+            else "and LayerNorm parameters updated densely (the library's labels), all other "
+            "leaves (kernels, biases, position and type embeddings) sparse."
+        ),
         "",
     ]
     titles = {

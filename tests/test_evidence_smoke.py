@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/evidence.py``: every experiment in a few steps, in-process.
+"""Smoke test of ``benchmarks/evidence.py``, both tasks: every experiment in a few steps.
 
 Checks that the outputs are well formed (files written, keys present, accuracies in [0, 1],
 every method's best learning rate taken from its grid, the run cache reused), never what the
@@ -36,16 +36,38 @@ def _check_table(table: dict, grid) -> None:
         assert row["n"] >= 1
 
 
-@pytest.fixture(scope="module")
-def evidence_run(tmp_path_factory):
-    missing = assets.missing_assets(*ASSETS)
+def _smoke(tmp_path_factory, needed, name: str, *args: str):
+    """Run ``evidence.py --smoke ARGS`` in-process into a fresh folder, or skip without assets."""
+    missing = assets.missing_assets(*needed)
     if missing:
         pytest.skip("offline assets not installed; run: " + " && ".join(missing))
     from benchmarks import evidence
 
-    out = tmp_path_factory.mktemp("evidence")
-    returned = evidence.main(["--smoke", "--quiet", "--out", str(out)])
+    out = tmp_path_factory.mktemp(name)
+    returned = evidence.main([*args, "--smoke", "--quiet", "--out", str(out)])
     return evidence, out, returned
+
+
+def _check_e2_to_e4(docs: dict, grid, mask_intervals) -> None:
+    e2 = docs["e2"]["results"]["tables"]
+    assert len(e2) == 4
+    for table in e2.values():
+        _check_table(table, grid)
+
+    e3 = docs["e3"]["results"]["tables"]
+    for m in mask_intervals:
+        assert f"reset m={m}" in e3 and f"keep m={m}" in e3
+
+    e4 = docs["e4"]["results"]["tables"]
+    assert set(e4) == {"nanoadam d=0.1", "nanoadam d=0.01", "adamw"}
+    for table in e4.values():
+        _check_table(table, grid)
+        assert set(map(float, table["rows"])) == set(grid)
+
+
+@pytest.fixture(scope="module")
+def evidence_run(tmp_path_factory):
+    return _smoke(tmp_path_factory, ASSETS, "evidence")
 
 
 def test_files_written(evidence_run):
@@ -86,20 +108,7 @@ def test_json_well_formed(evidence_run):
     timing = e1["vision"]["timing"]
     assert timing["ratio_wall"] > 0 and timing["ratio_cpu"] > 0
 
-    e2 = docs["e2"]["results"]["tables"]
-    assert len(e2) == 4
-    for table in e2.values():
-        _check_table(table, s.lr_grid)
-
-    e3 = docs["e3"]["results"]["tables"]
-    for m in s.mask_intervals:
-        assert f"reset m={m}" in e3 and f"keep m={m}" in e3
-
-    e4 = docs["e4"]["results"]["tables"]
-    assert set(e4) == {"nanoadam d=0.1", "nanoadam d=0.01", "adamw"}
-    for table in e4.values():
-        _check_table(table, s.lr_grid)
-        assert set(map(float, table["rows"])) == set(s.lr_grid)
+    _check_e2_to_e4(docs, s.lr_grid, s.mask_intervals)
 
     e5 = docs["e5"]["results"]
     assert {"nanoadam d=0.1", "nanoadam d=0.01", "adamw"} <= set(e5["forgetting"])
@@ -124,3 +133,60 @@ def test_bad_experiment_name():
 
     with pytest.raises(SystemExit):
         evidence.parse_args(["--experiment", "e9"])
+
+
+# ------------------------------------------------------------------------------------------------
+# --task text: e1-e5 on MiniLM (Rotten Tomatoes, old task BBC News)
+# ------------------------------------------------------------------------------------------------
+
+TEXT_ASSETS = ("minilm", "rotten_tomatoes", "bbc_news")
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    return _smoke(tmp_path_factory, TEXT_ASSETS, "evidence-text", "--task", "text")
+
+
+def test_text_files_and_json(text_run):
+    evidence, out, returned = text_run
+    s = evidence.TEXT_SMOKE
+    names = ("e1", "e2", "e3", "e4", "e5")
+    assert set(returned["results"]) == set(names) and returned["wall_s"] > 0
+    for name in names:
+        for ext in ("json", "png"):
+            path = out / f"{name}.{ext}"
+            assert path.is_file() and path.stat().st_size > 0, path
+    summary = (out / "summary.md").read_text()
+    for needle in ("SMOKE RUN", "text task", "--task text", "BBC News", "## E1.", "## E5."):
+        assert needle in summary, needle
+    docs = {n: json.loads((out / f"{n}.json").read_text()) for n in names}
+    for name, doc in docs.items():
+        assert doc["experiment"] == name and doc["runs"], name
+        for run in doc["runs"]:
+            assert run["task"] == "text"
+            assert _acc(run["val_acc"]) and _acc(run["test_acc"])
+            assert _acc(run["old_task_acc"])  # the BBC News head on the fine-tuned encoder
+
+    e1 = docs["e1"]["results"]
+    for method in ("nanoadam", "adamw"):
+        _check_table(e1[method], s.text_lr_grid)
+    assert 0 < e1["state_bytes"]["nanoadam d=0.1"] < e1["state_bytes"]["adamw"]
+    _check_e2_to_e4(docs, s.text_lr_grid, s.text_mask_intervals)
+    assert len(docs["e2"]["results"]["gradient_diagnostic"]["criteria"]) == 3
+    e5 = docs["e5"]["results"]
+    # each task has its own head: no head-sparse diagnostic
+    assert set(e5["forgetting"]) == {"nanoadam d=0.1", "nanoadam d=0.01", "adamw"}
+    assert _acc(e5["before"]["old"])
+    ks = {row["leaf"]: row for row in e5["rounding"]}
+    assert ks["head/kernel"]["label"] == "dense"
+    # the density is a compile-time constant on the text task: one call per density
+    assert "(d=0.01)" in summary and "(d=0.1)" in summary
+
+
+def test_text_default_out():
+    from benchmarks import evidence
+
+    assert evidence.parse_args(["--task", "text"]).out == evidence.DEFAULT_OUT_TEXT
+    assert evidence.parse_args([]).out == evidence.DEFAULT_OUT
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--task", "audio"])
