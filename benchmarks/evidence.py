@@ -13,8 +13,9 @@ Experiments (``--experiment``, comma-separated, default ``all``):
   run (``text``) unless ``--no-text``.
 * ``e2`` selection criteria at equal density (smallest vs random vs largest ``|w|``) and a
   dynamic vs a static mask (selected once: ``mask_interval`` longer than the run).
-* ``e3`` moments at a refresh (``refresh_policy`` ``reset`` vs ``keep``) over several
-  ``mask_interval`` values.
+* ``e3`` moments at a refresh (``refresh_policy`` ``reset`` vs ``keep``, each with and
+  without Adam's bias correction, ``bias_correction=False``) over several ``mask_interval``
+  values.
 * ``e4`` learning-rate tolerance: accuracy over a learning-rate grid, NanoAdam and AdamW.
 * ``e5`` forgetting: accuracy on the new task (rotated MNIST) and on the old task (upright
   MNIST) after fine-tuning, NanoAdam at densities 0.01 and 0.1 vs AdamW; and the rounding rule
@@ -274,6 +275,7 @@ class Variant:
     refresh_policy: str = "reset"
     mask_interval: int | None = 100
     dense_head: bool = True  # False: the head is sparse too (an e5 diagnostic)
+    bias_correction: bool = True  # False: Adam without 1 / (1 - b**t) (an e3 arm)
 
     @property
     def key(self) -> str:
@@ -281,7 +283,8 @@ class Variant:
             return "adamw"
         m = "static" if self.mask_interval is None else f"m{self.mask_interval}"
         head = "" if self.dense_head else "-headsparse"
-        return f"nanoadam-{self.criterion}-{self.refresh_policy}-{m}{head}"
+        bc = "" if self.bias_correction else "-nobc"
+        return f"nanoadam-{self.criterion}-{self.refresh_policy}-{m}{head}{bc}"
 
     def make(self, lr, density, seed, steps: int, max_density: float | None):
         if self.method == "adamw":
@@ -296,6 +299,7 @@ class Variant:
             max_density=max_density,
             seed=seed,
             labels=None if self.dense_head else (lambda path, leaf: nanoadam.SPARSE),
+            bias_correction=self.bias_correction,
         )
 
 
@@ -1329,10 +1333,11 @@ def experiment_e3(runner: Runner, task: str = "vision") -> dict[str, Any]:
     tables: dict[str, dict[str, Any]] = {}
     for m in sw.mask_intervals:
         for policy in ("reset", "keep"):
-            v = Variant("nanoadam", refresh_policy=policy, mask_interval=m)
-            runs = runner.runs(task, v, lrs if v != default_variant(sw) else sw.lr_grid)
-            runs = [r for r in runs if r["lr"] in lrs]
-            tables[f"{policy} m={m}"] = lr_table(runs, s.densities[0])
+            for bc in (True, False):
+                v = Variant("nanoadam", refresh_policy=policy, mask_interval=m, bias_correction=bc)
+                runs = runner.runs(task, v, lrs if v != default_variant(sw) else sw.lr_grid)
+                runs = [r for r in runs if r["lr"] in lrs]
+                tables[f"{policy}{'' if bc else ' no-bc'} m={m}"] = lr_table(runs, s.densities[0])
     static = [
         r
         for r in runner.runs(
@@ -1347,21 +1352,23 @@ def experiment_e3(runner: Runner, task: str = "vision") -> dict[str, Any]:
         f"(the default configuration's best LR and its neighbours); each cell at its best LR "
         "(validation). Test accuracy (%):",
         "",
-        "| mask_interval | refreshes in the run | reset | keep | keep - reset |",
-        "|---|---|---|---|---|",
+        "| mask_interval | refreshes in the run | reset | keep | keep - reset "
+        "| reset, no bias correction | keep, no bias correction |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def cell(t: dict[str, Any]) -> str:
+        return f"{pct(t['best']['test'])} (lr {t['best_lr']:g})"
+
     for m in sw.mask_intervals:
         r, kp = tables[f"reset m={m}"], tables[f"keep m={m}"]
         lines.append(
-            f"| {m} | {-(-sw.steps // m) - 1} | {pct(r['best']['test'])} (lr {r['best_lr']:g}) | "
-            f"{pct(kp['best']['test'])} (lr {kp['best_lr']:g}) | "
-            f"{100 * (kp['best']['test'][0] - r['best']['test'][0]):+.2f} |"
+            f"| {m} | {-(-sw.steps // m) - 1} | {cell(r)} | {cell(kp)} | "
+            f"{100 * (kp['best']['test'][0] - r['best']['test'][0]):+.2f} | "
+            f"{cell(tables[f'reset no-bc m={m}'])} | {cell(tables[f'keep no-bc m={m}'])} |"
         )
     st = tables[f"static (m>{sw.steps})"]
-    lines.append(
-        f"| static (> {sw.steps}) | 0 | {pct(st['best']['test'])} (lr {st['best_lr']:g})"
-        " | same | 0 |"
-    )
+    lines.append(f"| static (> {sw.steps}) | 0 | {cell(st)} | same | 0 | - | - |")
     for policy in ("reset", "keep"):
         means = [tables[f"{policy} m={m}"]["best"]["test"][0] for m in sw.mask_intervals]
         lines.append(
@@ -1373,13 +1380,21 @@ def experiment_e3(runner: Runner, task: str = "vision") -> dict[str, Any]:
         lines.append(
             f"- m={m}: {compare('keep', kp['best']['test'], 'reset', r['best']['test'], n)}."
         )
+    for policy in ("reset", "keep"):
+        for m in sw.mask_intervals:
+            on, off = tables[f"{policy} m={m}"], tables[f"{policy} no-bc m={m}"]
+            verdict = compare(
+                "no bias correction", off["best"]["test"], "with", on["best"]["test"], n
+            )
+            lines.append(f"- {policy}, m={m}: {verdict}.")
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     xs = list(sw.mask_intervals)
-    for j, policy in enumerate(("reset", "keep")):
+    for j, policy in enumerate(("reset", "keep", "reset no-bc", "keep no-bc")):
         m_ = [100 * tables[f"{policy} m={m}"]["best"]["test"][0] for m in xs]
         e_ = [100 * tables[f"{policy} m={m}"]["best"]["test"][1] for m in xs]
-        a1.errorbar(xs, m_, yerr=e_, fmt="-o", capsize=3, color=f"C{j}", label=policy)
+        ls = "-o" if "no-bc" not in policy else "--s"
+        a1.errorbar(xs, m_, yerr=e_, fmt=ls, capsize=3, color=f"C{j}", label=policy)
     a1.axhline(100 * st["best"]["test"][0], color="C7", ls="--", label="static mask")
     a1.set_xscale("log")
     a1.set(xlabel="mask_interval", ylabel="test accuracy (%)", title="At each one's best LR")
