@@ -139,3 +139,22 @@ def test_gpu_section_and_summary(quick_results):
     for s in results["summary"]:
         assert isinstance(s["value"], float), s
         assert s["met"] in (True, False, None)
+
+
+def test_update_cost_diagnostic_runs(tmp_path):
+    from benchmarks import diag_update_cost
+
+    out = tmp_path / "diag.md"
+    assert diag_update_cost.main(["--params", "2e5", "--out", str(out)]) == 0
+    rows = [
+        line for line in out.read_text().splitlines() if line.startswith("| ") and "ms" not in line
+    ]
+    assert [r.split(" | ")[0][2:] for r in rows] == [
+        "optax.adamw",
+        "nanoadam",
+        "nanoadam(inplace_apply=True)",
+        "nanoadam, refresh cond removed",
+        "nanoadam(inplace_apply=True), cond removed",
+    ]
+    assert float(rows[0].split(" | ")[2].strip(" |")) == 1.0
+    assert jax.lax.cond.__module__.startswith("jax")  # the patch is undone
