@@ -736,7 +736,7 @@ def sparse_update(
     **Defaults, and the measurement behind each** (``python benchmarks/evidence.py`` on
     the MNIST CNN / rotated MNIST and ``--task text`` on MiniLM / Rotten Tomatoes, 3 seeds,
     each setting at its best learning rate; full tables in ``benchmarks/results/evidence*/
-    summary.md`` and the README's "Evidence" section):
+    summary.md`` and the README's "Results" section):
 
     * ``refresh_policy="reset"``: E3 found no consistent difference between ``"reset"``
       and ``"keep"`` (vision: all within 2 standard errors at ``mask_interval`` 5, 20,
