@@ -21,58 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from reference_selection import nonzero, ref_global_masks, ref_k, ref_mask
 
 import nanoadam_jax as na
 
 REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------------
-# Reference selection (numpy) and small helpers
+# Small helpers (the numpy reference selection is in reference_selection.py)
 # ------------------------------------------------------------------------------------------------
-
-
-def ref_k(n: int, density: float) -> int:
-    """The documented rounding rule, in float32: ``clip(floor(d * n + 0.5), 1, n)``."""
-    if n == 0:
-        return 0
-    k = np.floor(np.float32(density) * np.float32(n) + np.float32(0.5))
-    return int(min(max(int(k), 1), n))
-
-
-def ref_order(flat: np.ndarray, criterion: str = "smallest") -> np.ndarray:
-    """Indices in selection order: by float32 magnitude, NaN last, ties by index."""
-    mag = np.abs(np.asarray(flat, np.float32))
-    nan = np.isnan(mag)
-    mag = np.where(nan, np.float32(0), mag)
-    primary = mag if criterion == "smallest" else -mag
-    return np.lexsort((np.arange(flat.size), primary, nan))
-
-
-def ref_mask(w, density, scope="leaf", block_size=4096, criterion="smallest") -> np.ndarray:
-    flat = np.asarray(w).astype(np.float32).reshape(-1)
-    n = flat.size
-    out = np.zeros(n, bool)
-    size = block_size if (scope == "block" and n > block_size) else max(n, 1)
-    for start in range(0, n, size):
-        chunk = flat[start : start + size]
-        out[start + ref_order(chunk, criterion)[: ref_k(chunk.size, density)]] = True
-    return out.reshape(np.shape(w))
-
-
-def ref_global_masks(leaves, density, criterion="smallest") -> list[np.ndarray]:
-    flats = [np.asarray(x).astype(np.float32).reshape(-1) for x in leaves]
-    cat = np.concatenate(flats) if flats else np.zeros(0, np.float32)
-    chosen = np.zeros(cat.size, bool)
-    chosen[ref_order(cat, criterion)[: ref_k(cat.size, density)]] = True
-    out, start = [], 0
-    for x, f in zip(leaves, flats):
-        out.append(chosen[start : start + f.size].reshape(np.shape(x)))
-        start += f.size
-    return out
-
-
-def nonzero(u) -> np.ndarray:
-    return np.asarray(u).astype(np.float32) != 0
 
 
 def quadratic_grads(params, target):

@@ -23,6 +23,7 @@ import optax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_selection import nonzero, ref_blocks, ref_global_masks, ref_k, ref_mask
 
 import nanoadam_jax as na
 from nanoadam_jax import selection
@@ -55,55 +56,6 @@ def budget(ci: int, long: int | None = None) -> settings:
     """Settings of one test: ``ci`` examples by default, ``long`` under the long profile."""
     base = settings.get_profile(f"nanoadam-{PROFILE}")
     return settings(base, max_examples=ci if PROFILE == "ci" else (long or base.max_examples))
-
-
-# ------------------------------------------------------------------------------------------------
-# Reference (numpy)
-# ------------------------------------------------------------------------------------------------
-
-
-def ref_k(n: int, density: float) -> int:
-    if n == 0:
-        return 0
-    k = np.floor(np.float32(density) * np.float32(n) + np.float32(0.5))
-    return int(min(max(int(k), 1), n))
-
-
-def ref_order(flat: np.ndarray, criterion: str = "smallest") -> np.ndarray:
-    mag = np.abs(np.asarray(flat, np.float32))
-    nan = np.isnan(mag)
-    mag = np.where(nan, np.float32(0), mag)
-    return np.lexsort((np.arange(flat.size), mag if criterion == "smallest" else -mag, nan))
-
-
-def ref_blocks(n: int, scope: str, block_size: int) -> list[tuple[int, int]]:
-    size = block_size if (scope == "block" and n > block_size) else max(n, 1)
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def ref_mask(w, density, scope="leaf", block_size=4096, criterion="smallest") -> np.ndarray:
-    flat = np.asarray(w).astype(np.float32).reshape(-1)
-    out = np.zeros(flat.size, bool)
-    for start, stop in ref_blocks(flat.size, scope, block_size):
-        chunk = flat[start:stop]
-        out[start + ref_order(chunk, criterion)[: ref_k(chunk.size, density)]] = True
-    return out.reshape(np.shape(w))
-
-
-def ref_global_masks(leaves, density, criterion="smallest") -> list[np.ndarray]:
-    flats = [np.asarray(x).astype(np.float32).reshape(-1) for x in leaves]
-    cat = np.concatenate(flats) if flats else np.zeros(0, np.float32)
-    chosen = np.zeros(cat.size, bool)
-    chosen[ref_order(cat, criterion)[: ref_k(cat.size, density)]] = True
-    out, start = [], 0
-    for x, f in zip(leaves, flats):
-        out.append(chosen[start : start + f.size].reshape(np.shape(x)))
-        start += f.size
-    return out
-
-
-def nonzero(u) -> np.ndarray:
-    return np.asarray(u).astype(np.float32) != 0
 
 
 # ------------------------------------------------------------------------------------------------
