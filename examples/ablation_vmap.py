@@ -39,7 +39,6 @@ Outputs (in ``--out``): ``ablation_vmap.json``, ``ablation_vmap.md`` and ``ablat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -57,7 +56,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from common import assets, cli  # noqa: E402
 from common.mnist_cnn import load_mnist_cnn, normalize_images  # noqa: E402
-from continual_vision import ASSET_NAMES, batch_schedule, environment, load_tasks  # noqa: E402
+from common.results import environment, write_results  # noqa: E402
+from continual_vision import ASSET_NAMES, batch_schedule, load_tasks  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -443,16 +443,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(table)
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ablation_vmap.md").write_text(
-        "# NanoAdam ablation: density (vmapped) x selection criterion\n\n" + table + "\n"
-    )
-    save_plot(results, out_dir / "ablation_vmap.png")
-    results["wall_seconds"] = time.perf_counter() - t_start
-    (out_dir / "ablation_vmap.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(
-        f"\nWrote {out_dir / 'ablation_vmap.json'}, .md and .png ({results['wall_seconds']:.0f} s)."
+    write_results(
+        args.out,
+        "ablation_vmap",
+        "NanoAdam ablation: density (vmapped) x selection criterion",
+        table,
+        results,
+        t_start,
+        save_plot,
     )
     return results
 

@@ -28,9 +28,6 @@ Outputs (in ``--out``): ``continual_text.json`` (all numbers and curves), ``cont
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,6 +45,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from common import assets, cli  # noqa: E402
 from common.minilm import MiniLMClassifier, MiniLMEncoder, MiniLMTokenizer  # noqa: E402
+from common.results import environment, write_results  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -520,7 +518,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def majority(y: np.ndarray) -> float:
         return float(np.bincount(y).max() / len(y)) if len(y) else 0.0
 
-    device = jax.devices()[0]
     config = {k: v for k, v in vars(args).items() if k != "run_specs"}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()}
     results: dict[str, Any] = {
@@ -541,12 +538,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "majority_baseline": majority(data["rt_eval"][2]),
         },
         "runs": runs,
-        "environment": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device": f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores",
-            "python": platform.python_version(),
-        },
+        "environment": environment(),
         "command": "python examples/continual_text.py " + " ".join(argv or sys.argv[1:]),
         "wall_seconds": None,
     }
@@ -554,15 +546,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(table)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "continual_text.md").write_text(
-        "# Continual learning on MiniLM-L6: BBC News, then Rotten Tomatoes\n\n" + table + "\n"
+    write_results(
+        args.out,
+        "continual_text",
+        "Continual learning on MiniLM-L6: BBC News, then Rotten Tomatoes",
+        table,
+        results,
+        t_start,
+        save_plot,
     )
-    save_plot(results, out / "continual_text.png")
-    results["wall_seconds"] = time.perf_counter() - t_start
-    (out / "continual_text.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nWrote {out / 'continual_text.json'}, .md and .png ({results['wall_seconds']:.0f} s).")
     return results
 
 

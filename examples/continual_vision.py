@@ -44,9 +44,6 @@ Outputs (in ``--out``): ``continual_vision.json`` (all numbers and curves),
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -64,6 +61,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from common import assets, cli  # noqa: E402
 from common.mnist_cnn import MnistCNN, evaluate_accuracy, load_mnist_cnn  # noqa: E402
+from common.results import environment, write_results  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -72,7 +70,6 @@ import nanoadam_jax as nanoadam  # noqa: E402
 __all__ = [
     "ASSET_NAMES",
     "batch_schedule",
-    "environment",
     "format_table",
     "load_tasks",
     "main",
@@ -365,17 +362,6 @@ def train_and_evaluate(
 # ------------------------------------------------------------------------------------------------
 
 
-def environment() -> dict[str, str]:
-    """jax version, backend and device, for the results files."""
-    device = jax.devices()[0]
-    return {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores",
-        "python": platform.python_version(),
-    }
-
-
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table in the layout of the paper's Table 4 (one row per method)."""
     lines = [
@@ -495,16 +481,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(table)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "continual_vision.md").write_text(
-        "# Continual learning: pretrained MNIST CNN fine-tuned on rotated MNIST\n\n" + table + "\n"
-    )
-    save_plot(results, out / "continual_vision.png")
-    results["wall_seconds"] = time.perf_counter() - t_start
-    (out / "continual_vision.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(
-        f"\nWrote {out / 'continual_vision.json'}, .md and .png ({results['wall_seconds']:.0f} s)."
+    write_results(
+        args.out,
+        "continual_vision",
+        "Continual learning: pretrained MNIST CNN fine-tuned on rotated MNIST",
+        table,
+        results,
+        t_start,
+        save_plot,
     )
     return results
 

@@ -30,9 +30,6 @@ Reported per optimizer:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,6 +45,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from common import assets, cli  # noqa: E402
 from common.minilm import MiniLMClassifier, MiniLMTokenizer  # noqa: E402
+from common.results import environment, write_results  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -504,18 +502,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {name: train_and_evaluate(name, args, data, base_model) for name in args.optimizers}
 
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    device = jax.devices()[0]
     results = {
         "config": config,
         "num_train": n_train,
         "num_eval": n_eval,
         "majority_baseline": majority,
-        "environment": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device": f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores",
-            "python": platform.python_version(),
-        },
+        "environment": environment(),
         "optimizers": runs,
         "wall_seconds": None,
     }
@@ -523,15 +515,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(table)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune_text.md").write_text(
-        "# MiniLM-L6 on Rotten Tomatoes: NanoAdam vs AdamW\n\n" + table + "\n"
+    write_results(
+        args.out,
+        "finetune_text",
+        "MiniLM-L6 on Rotten Tomatoes: NanoAdam vs AdamW",
+        table,
+        results,
+        t_start,
+        save_plot,
     )
-    save_plot(results, out / "finetune_text.png")
-    results["wall_seconds"] = time.perf_counter() - t_start
-    (out / "finetune_text.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nWrote {out / 'finetune_text.json'}, .md and .png ({results['wall_seconds']:.0f} s).")
     return results
 
 

@@ -48,7 +48,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from common import assets, cli  # noqa: E402
 from common.mnist_cnn import load_mnist_cnn, normalize_images  # noqa: E402
-from continual_vision import ASSET_NAMES, batch_schedule, environment, load_tasks  # noqa: E402
+from common.results import environment, write_results  # noqa: E402
+from continual_vision import ASSET_NAMES, batch_schedule, load_tasks  # noqa: E402
 from flax import nnx  # noqa: E402
 from flax.training.train_state import TrainState  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -324,14 +325,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print()
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "linen_trainstate.md").write_text(
-        "# Flax Linen TrainState + NanoAdam on rotated MNIST\n\n" + table + "\n"
+    write_results(
+        args.out,
+        "linen_trainstate",
+        "Flax Linen TrainState + NanoAdam on rotated MNIST",
+        table,
+        results,
+        t_start,
     )
-    results["wall_seconds"] = time.perf_counter() - t_start
-    (out / "linen_trainstate.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nWrote {out / 'linen_trainstate.json'} and .md ({results['wall_seconds']:.0f} s).")
     return results
 
 

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -56,6 +54,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from common import assets, cli  # noqa: E402
 from common.minilm import MiniLMClassifier, MiniLMTokenizer  # noqa: E402
+from common.results import environment  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -408,7 +407,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     chosen = [f"L{args.layer}.{k}" for k in ("attn.query", "attn.value", "ffn.intermediate")]
     chosen.append("head")
-    device = jax.devices()[0]
     results: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "definitions": {
@@ -421,12 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "snapshots": [{"step": s["step"], "metrics": s["metrics"]} for s in snapshots],
         "movement_ratio": moves,
         "train_losses": losses,
-        "environment": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device": f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores",
-            "python": platform.python_version(),
-        },
+        "environment": environment(),
         "wall_seconds": None,
     }
     table = format_table(results)
