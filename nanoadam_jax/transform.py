@@ -616,15 +616,18 @@ class _CompactLeaf:
         def fn(values, idx):
             values = values.astype(dtype)
             if self.rows == 1:
-                flat = idx[0].astype(jnp.int32)
                 if not self.inplace:
                     # A separate update buffer (zeros that XLA cannot hoist, see
                     # ``_late_zeros``); ``apply_updates`` then adds it element-wise.
-                    out = _late_zeros((self.n,), values).at[flat]
-                    out = out.set(
-                        values, mode="drop", indices_are_sorted=True, unique_indices=self.unique
+                    out = (
+                        _late_zeros((self.n,), values)
+                        .at[idx[0]]
+                        .set(
+                            values, mode="drop", indices_are_sorted=True, unique_indices=self.unique
+                        )
                     )
                     return out.reshape(self.shape)
+                flat = idx[0].astype(jnp.int32)  # unravelled below: signed arithmetic
                 # An add into constant zeros of the leaf's own shape, with N-d indices (no
                 # reshape after it): XLA rewrites ``params + scatter_add(0, i, u)`` into an
                 # in-place ``scatter_add(params, i, u)`` when the update is applied in the
