@@ -512,6 +512,13 @@ def _late_zeros(shape: tuple[int, ...], values: jax.Array) -> jax.Array:
     return jnp.broadcast_to(zero, shape)
 
 
+def _unsigned(idx: jax.Array) -> jax.Array:
+    """The same non-negative indices as an unsigned type (a free bitcast for int32)."""
+    if idx.dtype == jnp.int32:
+        return jax.lax.bitcast_convert_type(idx, jnp.uint32)
+    return idx
+
+
 class _CompactLeaf:
     """Gather/scatter between a leaf and its ``(rows, k_max)`` compact buffer.
 
@@ -605,6 +612,9 @@ class _CompactLeaf:
 
     def gather(self, x: jax.Array, idx: jax.Array) -> jax.Array:
         def fn(x, idx):
+            # Unsigned indices: jnp skips its negative-index wrap (a k-sized select pass
+            # per leaf and step, and an int32 buffer per leaf that XLA schedules early).
+            idx = _unsigned(idx)
             if self.rows == 1:
                 return jnp.take(x.reshape(-1), idx[0], mode="fill", fill_value=0)
             x2 = self._rows(x, jnp.zeros((), x.dtype))
@@ -989,28 +999,34 @@ def sparse_update(
                     "mapped with optax.tree_utils.tree_map_params; use refresh_policy='reset'"
                 ) from e
 
-        selected, sparse_inner_state = jax.lax.cond(
+        def sparse_inner(selected, inner_state):
+            """Sparse leaves: gather -> inner (compact) or mask -> inner (dense layout)."""
+            flat_sel = sdef.flatten_up_to(selected)
+            if compact:
+                g_vecs = [(i, plans[i].gather(flat_updates[i], flat_sel[i])) for i in sparse_pos]
+                p_vecs = [(i, plans[i].gather(x, flat_sel[i])) for i, x in sparse]
+            else:
+                zero = jnp.zeros((), jnp.float32)
+                g_vecs = [
+                    (i, jnp.where(flat_sel[i], flat_updates[i], zero.astype(flat_updates[i].dtype)))
+                    for i in sparse_pos
+                ]
+                p_vecs = sparse
+            u_vecs, inner_state = inner.update(
+                vec_tree(g_vecs), inner_state, vec_tree(p_vecs), **extra_args, **step_arg
+            )
+            return selected, store(inner_state), u_vecs
+
+        # The inner update runs inside both branches, so that the new state is the
+        # conditional's own output: XLA then writes it into the donated state buffers
+        # instead of keeping a state-sized copy of the refreshed state in temp memory.
+        selected, sparse_inner_state, u_vecs = jax.lax.cond(
             refresh,
-            do_refresh,
-            lambda operand: operand,
+            lambda op: sparse_inner(*do_refresh(op)),
+            lambda op: sparse_inner(*op),
             (state.selected, load(state.sparse_inner_state)),
         )
         flat_sel = sdef.flatten_up_to(selected)
-
-        # Sparse leaves: gather -> inner -> scatter (compact) or mask -> inner -> mask.
-        if compact:
-            g_vecs = [(i, plans[i].gather(flat_updates[i], flat_sel[i])) for i in sparse_pos]
-            p_vecs = [(i, plans[i].gather(x, flat_sel[i])) for i, x in sparse]
-        else:
-            zero = jnp.zeros((), jnp.float32)
-            g_vecs = [
-                (i, jnp.where(flat_sel[i], flat_updates[i], zero.astype(flat_updates[i].dtype)))
-                for i in sparse_pos
-            ]
-            p_vecs = sparse
-        u_vecs, sparse_inner_state = inner.update(
-            vec_tree(g_vecs), sparse_inner_state, vec_tree(p_vecs), **extra_args, **step_arg
-        )
         flat_u_vecs = sdef.flatten_up_to(u_vecs)
 
         dense = _split(params, labels_tree, DENSE)
@@ -1042,7 +1058,7 @@ def sparse_update(
             sparse_step=optax.safe_int32_increment(step),
             sparse_density=density,
             selected=selected,
-            sparse_inner_state=store(sparse_inner_state),
+            sparse_inner_state=sparse_inner_state,
             dense_inner_state=store(dense_inner_state),
         )
         return jax.tree_util.tree_unflatten(treedef, out), new_state
