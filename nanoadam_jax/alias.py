@@ -97,7 +97,7 @@ def nanoadam(
     narrow_indices: bool = True,
     seed: int = 0,
     selection_method: str = "bisection",
-    inplace_apply: bool = False,
+    inplace_apply: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """NanoAdam: Adam on the smallest-magnitude weights of each tensor only.
 
@@ -190,7 +190,7 @@ def nanoadamw(
     narrow_indices: bool = True,
     seed: int = 0,
     selection_method: str = "bisection",
-    inplace_apply: bool = False,
+    inplace_apply: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """NanoAdam with decoupled weight decay (like ``optax.adamw``), on selected entries only.
 

@@ -812,18 +812,18 @@ def sparse_update(
       seed: seed of ``criterion="random"``.
       selection_method: ``"bisection"`` (default), ``"sort"`` or ``"top_k"``.
       inplace_apply: how a compact sparse leaf's update is built (``scope="leaf"``;
-        the updates are the same either way). ``False`` (default): scattered into a
-        separate zero buffer, which ``optax.apply_updates`` adds element-wise.
-        ``True``: a scatter-*add* into constant zeros, which XLA rewrites, together
-        with ``apply_updates`` in the same jitted program, into an in-place scatter-add
-        into the parameters (no full-size update buffer). Measured on a 2-core CPU
-        (``python benchmarks/run.py``): a bare update on 25M parameters runs about
-        1.5x faster, but inside a whole transformer train step XLA:CPU then keeps
-        copies of the parameters (its matmul fusions read them), so the compiled peak
-        memory rises from 0.65x to 0.87x of AdamW's at 340M parameters. Keep the
-        default where memory matters; for this to pay off, the learning rate must be
-        applied inside ``inner`` (as :func:`~nanoadam_jax.nanoadam` does), not by a
-        transformation chained after this one.
+        the updates are the same either way). ``False`` (the default here): scattered
+        into a separate zero buffer, which ``optax.apply_updates`` adds element-wise.
+        ``True`` (the default of :func:`~nanoadam_jax.nanoadam` and
+        :func:`~nanoadam_jax.nanoadamw`): a scatter-*add* into constant zeros, which XLA
+        rewrites, together with ``apply_updates`` in the same jitted program, into an
+        in-place scatter-add into the parameters (no full-size update buffer). This
+        only pays off when nothing is chained after this transformation (the learning
+        rate applied inside ``inner``, as ``nanoadam`` does); with a transformation
+        chained after it, both forms cost about the same. Measured on a 2-core CPU
+        (``python benchmarks/run.py``, README "Benchmarks"): a bare ``nanoadam`` update
+        on 25M parameters runs about 2x faster with ``True``, and a whole transformer
+        train step has the same compiled peak memory either way.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.

@@ -70,7 +70,7 @@ def test_update_rows(quick_results):
     names = {r["optimizer"] for r in rows}
     assert {"adamw", "adam"} <= names
     nano = [r for r in rows if r["optimizer"].startswith("nanoadam")]
-    plain = [r for r in nano if not r["optimizer"].startswith("nanoadam-inplace")]
+    plain = [r for r in nano if not r["optimizer"].startswith("nanoadam-scatter")]
     assert sorted(r["density"] for r in plain) == [0.01, 0.05, 0.1, 0.5]
     assert [r["density"] for r in nano if r not in plain] == [0.1]
     for r in rows:
@@ -106,7 +106,7 @@ def test_selection_rows(quick_results):
 def test_memory_rows(quick_results):
     _, results = quick_results
     rows = results["sections"]["memory"]["rows"]
-    assert {r["optimizer"] for r in rows} == {"adamw", "nanoadam d=0.1", "nanoadam-inplace d=0.1"}
+    assert {r["optimizer"] for r in rows} == {"adamw", "nanoadam d=0.1", "nanoadam-scatter d=0.1"}
     for r in rows:
         for key in ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes", "state_bytes"):
             assert positive(r[key]), (r["optimizer"], key)
@@ -132,8 +132,8 @@ def test_gpu_section_and_summary(quick_results):
         "state bytes nanoadam / adamw",
         "refresh cost (adamw steps)",
         "peak memory nanoadam / adamw",
-        "update time nanoadam(inplace_apply=True) / adamw",
-        "peak memory nanoadam(inplace_apply=True) / adamw",
+        "update time nanoadam(inplace_apply=False) / adamw",
+        "peak memory nanoadam(inplace_apply=False) / adamw",
     ):
         assert wanted in names
     for s in results["summary"]:
@@ -152,9 +152,9 @@ def test_update_cost_diagnostic_runs(tmp_path):
     assert [r.split(" | ")[0][2:] for r in rows] == [
         "optax.adamw",
         "nanoadam",
-        "nanoadam(inplace_apply=True)",
+        "nanoadam(inplace_apply=False)",
         "nanoadam, refresh cond removed",
-        "nanoadam(inplace_apply=True), cond removed",
+        "nanoadam(inplace_apply=False), cond removed",
     ]
     assert float(rows[0].split(" | ")[2].strip(" |")) == 1.0
     assert jax.lax.cond.__module__.startswith("jax")  # the patch is undone
