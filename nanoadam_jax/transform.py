@@ -616,6 +616,10 @@ class _CompactLeaf:
             # per leaf and step, and an int32 buffer per leaf that XLA schedules early).
             idx = _unsigned(idx)
             if self.rows == 1:
+                if self.unique and self.n > 0:
+                    # A fixed density: every slot holds a real position after the first
+                    # refresh (step 0), so the per-entry bounds select of "fill" is skipped.
+                    return jnp.take(x.reshape(-1), idx[0], mode="clip")
                 return jnp.take(x.reshape(-1), idx[0], mode="fill", fill_value=0)
             x2 = self._rows(x, jnp.zeros((), x.dtype))
             return jnp.take_along_axis(x2, idx, axis=1, mode="fill", fill_value=0).reshape(-1)
