@@ -135,6 +135,15 @@ def summarize(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     PEAK_TARGET,
                     where,
                 )
+            bf16 = _find(pool, n_params=top, optimizer=f"nanoadam-bf16 d={TARGET_DENSITY:g}")
+            if bf16:
+                add(
+                    "peak memory nanoadam(moment_dtype=bf16) / adamw",
+                    bf16["peak_ratio_vs_adamw"],
+                    PEAK_TARGET,
+                    where,
+                    "bf16 moments (the paper's memory model); AdamW keeps f32 moments",
+                )
             add(
                 "state bytes nanoadam / adamw (transformer)",
                 row["state_ratio_vs_adamw"],

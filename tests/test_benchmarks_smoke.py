@@ -106,7 +106,12 @@ def test_selection_rows(quick_results):
 def test_memory_rows(quick_results):
     _, results = quick_results
     rows = results["sections"]["memory"]["rows"]
-    assert {r["optimizer"] for r in rows} == {"adamw", "nanoadam d=0.1", "nanoadam-scatter d=0.1"}
+    assert {r["optimizer"] for r in rows} == {
+        "adamw",
+        "nanoadam d=0.1",
+        "nanoadam-scatter d=0.1",
+        "nanoadam-bf16 d=0.1",
+    }
     for r in rows:
         for key in ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes", "state_bytes"):
             assert positive(r[key]), (r["optimizer"], key)
@@ -119,6 +124,8 @@ def test_memory_rows(quick_results):
     nano = next(r for r in rows if r["optimizer"] != "adamw")
     assert nano["state_ratio_vs_adamw"] < 1
     assert nano["state_floor"] == pytest.approx(0.15)
+    bf16 = next(r for r in rows if r["optimizer"] == "nanoadam-bf16 d=0.1")
+    assert bf16["state_bytes"] < nano["state_bytes"] and bf16["state_floor"] is None
 
 
 def test_gpu_section_and_summary(quick_results):
@@ -134,6 +141,7 @@ def test_gpu_section_and_summary(quick_results):
         "peak memory nanoadam / adamw",
         "update time nanoadam(inplace_apply=False) / adamw",
         "peak memory nanoadam(inplace_apply=False) / adamw",
+        "peak memory nanoadam(moment_dtype=bf16) / adamw",
     ):
         assert wanted in names
     for s in results["summary"]:
