@@ -768,6 +768,10 @@ def sparse_update(
       ``0.01`` on vision at each one's best rate, at 0.15x AdamW's optimizer state.
     * Rounding ``k = clip(round_half_up(d * n), 1, n)`` (:func:`num_selected`): E5's
       rounding tables; every sparse leaf keeps at least one trainable entry.
+    * ``inplace_apply=True`` in :func:`~nanoadam_jax.nanoadam` / ``nanoadamw``: the
+      benchmarks (``python benchmarks/run.py``) measure the same compiled peak memory of a
+      whole transformer train step as ``False`` and a faster bare update (README
+      "Benchmarks"); here in ``sparse_update`` it stays ``False`` (see the argument).
     * ``scope="leaf"`` and ``criterion="smallest"`` follow the paper (E2 measured
       ``"largest"`` ahead on the CNN and no significant order on text; the criterion
       is kept as the paper's method).
@@ -1024,11 +1028,14 @@ def sparse_update(
         # The inner update runs inside both branches, so that the new state is the
         # conditional's own output: XLA then writes it into the donated state buffers
         # instead of keeping a state-sized copy of the refreshed state in temp memory.
+        # Stored (e.g. bf16) moments enter the conditional as they are and are upcast
+        # inside it, where the cast fuses into the inner update (no float32 copy of the
+        # whole sparse state is materialised as an operand).
         selected, sparse_inner_state, u_vecs = jax.lax.cond(
             refresh,
-            lambda op: sparse_inner(*do_refresh(op)),
-            lambda op: sparse_inner(*op),
-            (state.selected, load(state.sparse_inner_state)),
+            lambda op: sparse_inner(*do_refresh((op[0], load(op[1])))),
+            lambda op: sparse_inner(op[0], load(op[1])),
+            (state.selected, state.sparse_inner_state),
         )
         flat_sel = sdef.flatten_up_to(selected)
         flat_u_vecs = sdef.flatten_up_to(u_vecs)
