@@ -15,8 +15,9 @@ with its state kept where ``init`` put it. For each one the script reports
   trainable entries; every ``mask_interval`` steps), median over ``--steps`` steps;
 * the optimizer state held per device;
 * the collectives of the compiled update, read from the optimized HLO: those run on every
-  step, and those run only inside the refresh branch, with their element counts and bytes
-  (a collective inside a loop of known trip count is counted that many times).
+  ordinary step (outside any conditional, or in its no-refresh branch) and those that a
+  refresh step adds, with their element counts and bytes (a collective inside a loop of
+  known trip count is counted that many times).
 
 Host devices share the machine's cores, so the timings compare optimizers with one another
 on this machine; they do not predict accelerator speed. The collective listing, on the other
@@ -191,8 +192,9 @@ def parse_hlo(text: str) -> tuple[dict, str]:
         if op == "conditional":
             if branches:
                 names = [b.strip().lstrip("%") for b in branches.group(1).split(",")]
-            else:
-                names = [name for _, name in _CALLED.findall(rest)]
+            else:  # true_computation=..., false_computation=...: the false branch first
+                called = dict((kind, name) for kind, name in _CALLED.findall(rest))
+                names = [called["false_computation"], called["true_computation"]]
             node["branches"].append(names)
             continue
         trips = _TRIPS.search(rest)
@@ -203,27 +205,39 @@ def parse_hlo(text: str) -> tuple[dict, str]:
 
 
 def classify(text: str) -> dict:
-    """Collectives run on every step and those run only in a conditional (the refresh)."""
+    """Collectives run on every step and those run only at a refresh, with their counts.
+
+    Branch 0 of a conditional (``lax.cond``'s false branch: no refresh) runs on every
+    ordinary step, so its collectives count as per-step. The other branch (the refresh,
+    which also does that step's update) counts as per-refresh whatever it moves beyond
+    branch 0. Inside a refresh branch every nested collective counts.
+    """
     comps, entry = parse_hlo(text)
-    found = {"step": Counter(), "refresh": Counter()}
     info = {}
 
-    def walk(name, times, where, seen):
-        if name not in comps or (name, where) in seen:
-            return
-        seen = seen | {(name, where)}
+    def walk(name, times, seen):
+        """(per-step Counter, extra-per-refresh Counter) of computation ``name``."""
+        step, refresh = Counter(), Counter()
+        if name not in comps or name in seen:
+            return step, refresh
+        seen = seen | {name}
         node = comps[name]
         for c in node["collectives"]:
             key = (c["op"], c["type"])
-            found[where][key] += times
+            step[key] += times
             info[key] = c
         for callee, n in node["calls"]:
-            walk(callee, times * n, where, seen)
-        for branch in node["branches"]:
-            for callee in branch:
-                walk(callee, times, "refresh", seen)
+            s, r = walk(callee, times * n, seen)
+            step, refresh = step + s, refresh + r
+        for branches in node["branches"]:
+            s0, r0 = walk(branches[0], times, seen)
+            step, refresh = step + s0, refresh + r0
+            for other in branches[1:]:
+                s, r = walk(other, times, seen)
+                refresh = refresh + ((s + r) - s0)
+        return step, refresh
 
-    walk(entry, 1, "step", frozenset())
+    found = dict(zip(("step", "refresh"), walk(entry, 1, frozenset())))
     return {
         where: [
             dict(info[key], count=count) for key, count in sorted(found[where].items(), key=str)

@@ -512,11 +512,27 @@ def _late_zeros(shape: tuple[int, ...], values: jax.Array) -> jax.Array:
     return jnp.broadcast_to(zero, shape)
 
 
-def _unsigned(idx: jax.Array) -> jax.Array:
-    """The same non-negative indices as an unsigned type (a free bitcast for int32)."""
-    if idx.dtype == jnp.int32:
-        return jax.lax.bitcast_convert_type(idx, jnp.uint32)
-    return idx
+def _gather_flat(flat: jax.Array, idx: jax.Array, in_bounds: bool) -> jax.Array:
+    """``flat[idx]`` for sorted, non-negative ``idx``; out-of-range slots give ``0``.
+
+    ``jax.lax.gather`` directly: ``jnp.take`` would first wrap negative indices (a
+    k-sized select pass per leaf and step, and an index buffer that XLA schedules early).
+    ``in_bounds`` (every slot a real position) clamps instead of masking. Indices are
+    int32 for the gather (XLA's SPMD partitioner refuses uint16 gather indices).
+    """
+    dnums = jax.lax.GatherDimensionNumbers(
+        offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
+    )
+    mode = jax.lax.GatherScatterMode.CLIP if in_bounds else jax.lax.GatherScatterMode.FILL_OR_DROP
+    return jax.lax.gather(
+        flat,
+        idx.astype(jnp.int32)[:, None],
+        dnums,
+        slice_sizes=(1,),
+        indices_are_sorted=True,
+        mode=mode,
+        fill_value=0,
+    )
 
 
 class _CompactLeaf:
@@ -612,15 +628,10 @@ class _CompactLeaf:
 
     def gather(self, x: jax.Array, idx: jax.Array) -> jax.Array:
         def fn(x, idx):
-            # Unsigned indices: jnp skips its negative-index wrap (a k-sized select pass
-            # per leaf and step, and an int32 buffer per leaf that XLA schedules early).
-            idx = _unsigned(idx)
             if self.rows == 1:
-                if self.unique and self.n > 0:
-                    # A fixed density: every slot holds a real position after the first
-                    # refresh (step 0), so the per-entry bounds select of "fill" is skipped.
-                    return jnp.take(x.reshape(-1), idx[0], mode="clip")
-                return jnp.take(x.reshape(-1), idx[0], mode="fill", fill_value=0)
+                # A fixed density: every slot holds a real position after the first
+                # refresh (step 0), so the gather clamps instead of masking each entry.
+                return _gather_flat(x.reshape(-1), idx[0], self.unique and self.n > 0)
             x2 = self._rows(x, jnp.zeros((), x.dtype))
             return jnp.take_along_axis(x2, idx, axis=1, mode="fill", fill_value=0).reshape(-1)
 

@@ -166,3 +166,38 @@ def test_update_cost_diagnostic_runs(tmp_path):
     ]
     assert float(rows[0].split(" | ")[2].strip(" |")) == 1.0
     assert jax.lax.cond.__module__.startswith("jax")  # the patch is undone
+
+
+HLO_WITH_REFRESH_COND = """HloModule m
+
+%none (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %ar = f32[4]{0} all-reduce(%p), replica_groups={}, to_apply=%sum
+}
+
+%refresh (q: f32[4]) -> f32[4] {
+  %q = f32[4]{0} parameter(0)
+  %ag = f32[32]{0} all-gather(%q), dimensions={0}
+  %ar2 = f32[4]{0} all-reduce(%q), replica_groups={}, to_apply=%sum
+  ROOT %s = f32[4]{0} slice(%ag), slice={[0:4]}
+}
+
+ENTRY %main (x: f32[4], i: s32[]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %c = f32[4]{0} conditional(%i, %x, %x), branch_computations={%none, %refresh}
+}
+"""
+
+
+def test_sharding_bench_counts_the_no_refresh_branch_as_per_step(monkeypatch):
+    # The refresh cond's branch 0 (no refresh) runs on every ordinary step; the refresh
+    # branch adds only what it moves beyond branch 0.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    from benchmarks import bench_sharding
+
+    found = bench_sharding.classify(HLO_WITH_REFRESH_COND)
+    step = [(c["op"], c["elements"], c["count"]) for c in found["step"]]
+    refresh = [(c["op"], c["elements"], c["count"]) for c in found["refresh"]]
+    assert step == [("all-reduce", 4, 1)]
+    assert refresh == [("all-gather", 32, 1)]
