@@ -9,6 +9,8 @@ Everything that decides *which* entries NanoAdam updates lives here:
   by flat index, with an exact 32-pass bisection on the key bits (no sort).
 * :func:`select_mask` (per leaf or per block) and :func:`select_global_masks`
   (one threshold over many leaves) combine the three.
+* :func:`leaf_bottom_k_indices` gives one leaf's selected positions directly (the compact
+  layout's refresh): the same threshold found two bits per pass, with chunked scratch.
 
 The rule, in words: *the trainable set of a tensor is the k entries with the
 smallest key; among equal keys the one with the smaller flat (row-major) index
@@ -526,7 +528,7 @@ def leaf_bottom_k_indices(x: jax.Array, k: jax.Array, kmax: int, fill: int) -> j
 
     The same set as ``nonzero(select_mask(x, density), size=kmax, fill_value=fill)`` for
     ``criterion="smallest"``, ``method="bisection"``, ``scope="leaf"``, with bounded scratch
-    memory: every pass (the 32 bisection counts, the count below the threshold and the
+    memory: every pass (the 16 two-bit radix counts, the count below the threshold and the
     extraction) walks the leaf one chunk at a time and recomputes the keys of that chunk,
     so no ``n``-sized key, mask, count or cumsum buffer and no padded copy of the leaf is
     ever live (XLA:CPU materialises the operand of a large integer sum; a chunk keeps
@@ -553,22 +555,27 @@ def leaf_bottom_k_indices(x: jax.Array, k: jax.Array, kmax: int, fill: int) -> j
         kc = selection_keys(jax.lax.dynamic_slice(flat, (start,), (c,)), "smallest")
         return kc, start, start + offsets >= i * c
 
-    def count(pred):
+    def count(pred, width=()):
         def body(i, acc):
             kc, _, new = chunk_keys(i)
-            return acc + jnp.sum(pred(kc) & new, dtype=jnp.int32)
+            return acc + jnp.sum(pred(kc) & new, axis=-1, dtype=jnp.int32)
 
+        zero = jnp.zeros(width, jnp.int32)
         if n_chunks == 1:
-            return body(0, jnp.int32(0))
-        return jax.lax.fori_loop(0, n_chunks, body, jnp.int32(0))
+            return body(0, zero)
+        return jax.lax.fori_loop(0, n_chunks, body, zero)
 
-    def bisect(_, carry):
-        lo, hi = carry
-        mid = lo + (hi - lo) // 2
-        enough = count(lambda kc: kc <= mid) >= k
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+    def radix(p, prefix):
+        # The k-th smallest key, two bits per pass (16 passes, each counting three
+        # thresholds in one sweep of the leaf): the bucket ``prefix + [j, j + 1) << shift``
+        # holding it is the number of thresholds ``prefix + (j << shift) - 1`` (j = 1..3)
+        # with fewer than ``k`` keys at or below them.
+        shift = (30 - 2 * p).astype(jnp.uint32)
+        ts = prefix + (jnp.arange(1, 4, dtype=jnp.uint32) << shift) - 1
+        below = count(lambda kc: kc[None, :] <= ts[:, None], (3,))
+        return prefix + (jnp.sum(below < k, dtype=jnp.uint32) << shift)
 
-    t, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.uint32(0), _MAX_KEY))
+    t = jax.lax.fori_loop(0, 16, radix, jnp.uint32(0))
     need = k - count(lambda kc: kc < t)
 
     def extract(i, carry):
@@ -576,14 +583,20 @@ def leaf_bottom_k_indices(x: jax.Array, k: jax.Array, kmax: int, fill: int) -> j
         kc, start, new = chunk_keys(i)
         below = (kc < t) & new
         tie = (kc == t) & new
-        rank = ties_seen + jnp.cumsum(tie, dtype=jnp.int32)
-        take = below | (tie & (rank <= need))
-        (pos,) = jnp.nonzero(take, size=c, fill_value=-1)
-        pos = jnp.where(pos >= 0, pos + start, fill).astype(jnp.int32)
-        out = jax.lax.dynamic_update_slice(out, pos, (filled,))
-        filled = filled + jnp.sum(take, dtype=jnp.int32)
-        return out, filled, ties_seen + jnp.sum(tie, dtype=jnp.int32)
+        n_tie = jnp.sum(tie, dtype=jnp.int32)
+        # Ranking the ties (a cumsum) is only needed in the chunk where they run out.
+        take = jax.lax.cond(
+            ties_seen + n_tie <= need,
+            lambda: below | tie,
+            lambda: below | (tie & (ties_seen + jnp.cumsum(tie, dtype=jnp.int32) <= need)),
+        )
+        # Each taken entry's output slot is its running count; the others are dropped.
+        # (``associative_scan``: a log-depth prefix sum, cheaper than XLA:CPU's cumsum.)
+        slot = filled + jax.lax.associative_scan(jnp.add, take.astype(jnp.int32)) - 1
+        slot = jnp.where(take, slot, kmax)
+        out = out.at[slot].set(start + offsets, mode="drop", unique_indices=True)
+        return out, filled + jnp.sum(take, dtype=jnp.int32), ties_seen + n_tie
 
-    out = jnp.full((kmax + c,), fill, jnp.int32)
+    out = jnp.full((kmax,), fill, jnp.int32)
     out, _, _ = jax.lax.fori_loop(0, n_chunks, extract, (out, jnp.int32(0), jnp.int32(0)))
-    return out[:kmax]
+    return out

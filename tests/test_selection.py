@@ -133,3 +133,19 @@ def test_unknown_names_are_refused():
         nanoadam.selection_keys(jnp.ones(3), "median")
     with pytest.raises(ValueError, match="method"):
         nanoadam.bottom_k_mask(jnp.ones((1, 3), jnp.uint32), jnp.array([1]), "heap")
+
+
+@pytest.mark.parametrize("k", [1, 1000, 70_000, 130_000, 150_000])
+def test_leaf_bottom_k_indices_ties_across_chunks(k):
+    # 150,000 entries (three chunks on CPU) drawn from five values, NaNs among them: the
+    # k-th smallest is tied with tens of thousands of entries spread over every chunk,
+    # so the chunk where the ties run out must rank them (ties by flat index).
+    from reference_selection import ref_order
+
+    rng = np.random.default_rng(k)
+    x = rng.choice(np.array([0.0, -0.5, 0.5, 2.0, np.nan], np.float32), size=150_000)
+    kmax, fill = k + 7, x.size  # padding slots keep the fill value
+    got = np.asarray(selection.leaf_bottom_k_indices(jnp.asarray(x), k, kmax, fill))
+    want = np.sort(ref_order(x)[:k])
+    np.testing.assert_array_equal(got[:k], want)
+    np.testing.assert_array_equal(got[k:], fill)
