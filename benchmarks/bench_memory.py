@@ -218,6 +218,7 @@ def bench_config(cfg: Config, density: float = DENSITY) -> list[dict[str, Any]]:
     rows = []
     for name, st in stats.items():
         nano = name.startswith("nanoadam")
+        f32_moments = nano and "bf16" not in name  # the floors assume float32 moments
         rows.append(
             {
                 "model": cfg.name,
@@ -236,11 +237,8 @@ def bench_config(cfg: Config, density: float = DENSITY) -> list[dict[str, Any]]:
                 **st,
                 "peak_ratio_vs_adamw": common.ratio(st["peak_bytes"], base["peak_bytes"]),
                 "state_ratio_vs_adamw": common.ratio(st["state_bytes"], base["state_bytes"]),
-                # The floors assume float32 moments (not the bf16 row).
-                "state_floor": 1.5 * density if nano and "bf16" not in name else None,
-                "model_state_floor": (
-                    model_state_floor(params, density) if nano and "bf16" not in name else None
-                ),
+                "state_floor": 1.5 * density if f32_moments else None,
+                "model_state_floor": model_state_floor(params, density) if f32_moments else None,
             }
         )
     return rows

@@ -49,6 +49,15 @@ UPDATE_TARGET = 0.6
 PEAK_TARGET = 0.62
 PEAK_MIN_PARAMS = 300_000_000
 TARGET_DENSITY = 0.1
+#: Benchmarked variants of ``nanoadam`` (row-name prefix, label in the key ratio, note).
+VARIANTS = (
+    ("nanoadam-scatter", "inplace_apply=False", ""),
+    (
+        "nanoadam-bf16",
+        "moment_dtype=bf16",
+        "bf16 moments (the paper's memory model); AdamW keeps f32 moments",
+    ),
+)
 
 
 def git_revision() -> dict[str, Any]:
@@ -86,6 +95,13 @@ def summarize(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             | ({"note": note} if note else {})
         )
 
+    def add_variants(quantity, pool, key, target, where, **match):
+        """One key ratio per variant of :data:`VARIANTS` that has a row in ``pool``."""
+        for prefix, label, note in VARIANTS:
+            row = _find(pool, optimizer=f"{prefix} d={TARGET_DENSITY:g}", **match)
+            if row:
+                add(f"{quantity} nanoadam({label}) / adamw", row[key], target, where, note)
+
     rows = sections.get("update", {}).get("rows", [])
     if rows:
         biggest = max(r["n_params"] for r in rows)
@@ -103,16 +119,9 @@ def summarize(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "target: the floor 1.5*d; scalar counters allowed (0.1% tolerance)",
                 tol=1e-3,
             )
-            scatter = _find(
-                rows, size=row["size"], optimizer=f"nanoadam-scatter d={TARGET_DENSITY:g}"
+            add_variants(
+                "update time", rows, "ratio_vs_adamw", UPDATE_TARGET, where, size=row["size"]
             )
-            if scatter:
-                add(
-                    "update time nanoadam(inplace_apply=False) / adamw",
-                    scatter["ratio_vs_adamw"],
-                    UPDATE_TARGET,
-                    where,
-                )
             add("refresh cost (adamw steps)", row["refresh_cost_adamw_steps"], where=where)
             add("refresh step / adamw step", row["refresh_step_adamw_steps"], where=where)
     rows = sections.get("memory", {}).get("rows", [])
@@ -127,23 +136,9 @@ def summarize(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             add(
                 "peak memory nanoadam / adamw", row["peak_ratio_vs_adamw"], PEAK_TARGET, where, note
             )
-            scatter = _find(pool, n_params=top, optimizer=f"nanoadam-scatter d={TARGET_DENSITY:g}")
-            if scatter:
-                add(
-                    "peak memory nanoadam(inplace_apply=False) / adamw",
-                    scatter["peak_ratio_vs_adamw"],
-                    PEAK_TARGET,
-                    where,
-                )
-            bf16 = _find(pool, n_params=top, optimizer=f"nanoadam-bf16 d={TARGET_DENSITY:g}")
-            if bf16:
-                add(
-                    "peak memory nanoadam(moment_dtype=bf16) / adamw",
-                    bf16["peak_ratio_vs_adamw"],
-                    PEAK_TARGET,
-                    where,
-                    "bf16 moments (the paper's memory model); AdamW keeps f32 moments",
-                )
+            add_variants(
+                "peak memory", pool, "peak_ratio_vs_adamw", PEAK_TARGET, where, n_params=top
+            )
             add(
                 "state bytes nanoadam / adamw (transformer)",
                 row["state_ratio_vs_adamw"],
