@@ -632,8 +632,9 @@ class _CompactLeaf:
                 # A fixed density: every slot holds a real position after the first
                 # refresh (step 0), so the gather clamps instead of masking each entry.
                 return _gather_flat(x.reshape(-1), idx[0], self.unique and self.n > 0)
+            # Per row (block); short blocks have padding slots, so this one masks them.
             x2 = self._rows(x, jnp.zeros((), x.dtype))
-            return jnp.take_along_axis(x2, idx, axis=1, mode="fill", fill_value=0).reshape(-1)
+            return jax.vmap(lambda r, i: _gather_flat(r, i, False))(x2, idx).reshape(-1)
 
         return self._auto(fn, 1, x, idx)
 
