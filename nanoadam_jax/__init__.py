@@ -10,8 +10,9 @@ Example:
   True
 """
 
-from nanoadam_jax import labels, schedules, selection, transform
+from nanoadam_jax import labels, layout, refresh, schedules, selection, transform
 from nanoadam_jax.alias import nanoadam, nanoadamw
+from nanoadam_jax.layout import SelectionDimensionNumbers
 from nanoadam_jax.labels import DENSE, FROZEN, SPARSE, default_labels, label_params, path_names
 from nanoadam_jax.schedules import constant_density, linear_density_decay
 from nanoadam_jax.selection import (
@@ -38,6 +39,7 @@ __all__ = [
     "DENSE",
     "FROZEN",
     "SPARSE",
+    "SelectionDimensionNumbers",
     "MagnitudeMaskState",
     "MaskedApplyState",
     "SparseUpdateState",
@@ -47,6 +49,7 @@ __all__ = [
     "kth_smallest_key",
     "label_params",
     "labels",
+    "layout",
     "linear_density_decay",
     "magnitude_mask",
     "mask",
@@ -55,6 +58,7 @@ __all__ = [
     "nanoadamw",
     "num_selected",
     "path_names",
+    "refresh",
     "schedules",
     "select_global_masks",
     "select_mask",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from nanoadam_jax.labels import Labels
-from nanoadam_jax.transform import STEP_ARG, Density, sparse_update
+from nanoadam_jax.layout import LAYER_AXIS_NAMES
+from nanoadam_jax.transform import STEP_ARG, Density, DimensionNumbers, sparse_update
 
 __all__ = ["nanoadam", "nanoadamw"]
 
@@ -86,18 +88,16 @@ def nanoadam(
     *,
     bias_correction: bool = True,
     mu_dtype: Any | None = None,
-    scope: str = "leaf",
-    block_size: int | None = None,
+    scope: str = "chunk",
+    chunk_size: int | None = None,
     criterion: str = "smallest",
     labels: Labels = None,
-    refresh_policy: str = "reset",
-    state_layout: str = "compact",
+    dimension_numbers: DimensionNumbers = None,
+    layer_axis_names: Sequence[str] = LAYER_AXIS_NAMES,
+    refresh_policy: str = "keep",
     max_density: float | None = None,
     moment_dtype: Any | None = None,
-    narrow_indices: bool = True,
     seed: int = 0,
-    selection_method: str = "bisection",
-    inplace_apply: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """NanoAdam: Adam on the smallest-magnitude weights of each tensor only.
 
@@ -138,9 +138,8 @@ def nanoadam(
         every refresh, so each newly selected entry's first step is ``lr * sign(g)``;
         ``False`` makes it ``(1 - b1) / sqrt(1 - b2) = 3.16`` times larger.
       mu_dtype: dtype of the first moment (as in ``optax.adam``).
-      scope, block_size, criterion, labels, refresh_policy, state_layout,
-      max_density, moment_dtype, narrow_indices, seed, selection_method,
-      inplace_apply: see
+      scope, chunk_size, criterion, labels, dimension_numbers, layer_axis_names,
+      refresh_policy, max_density, moment_dtype, seed: see
         :func:`~nanoadam_jax.sparse_update`.
 
     Returns:
@@ -153,17 +152,15 @@ def nanoadam(
             density,
             mask_interval,
             scope=scope,
-            block_size=block_size,
+            chunk_size=chunk_size,
             criterion=criterion,
             labels=labels,
+            dimension_numbers=dimension_numbers,
+            layer_axis_names=layer_axis_names,
             refresh_policy=refresh_policy,
-            state_layout=state_layout,
             max_density=max_density,
             moment_dtype=moment_dtype,
-            narrow_indices=narrow_indices,
             seed=seed,
-            selection_method=selection_method,
-            inplace_apply=inplace_apply,
         ),
     )
 
@@ -179,18 +176,16 @@ def nanoadamw(
     *,
     bias_correction: bool = True,
     mu_dtype: Any | None = None,
-    scope: str = "leaf",
-    block_size: int | None = None,
+    scope: str = "chunk",
+    chunk_size: int | None = None,
     criterion: str = "smallest",
     labels: Labels = None,
-    refresh_policy: str = "reset",
-    state_layout: str = "compact",
+    dimension_numbers: DimensionNumbers = None,
+    layer_axis_names: Sequence[str] = LAYER_AXIS_NAMES,
+    refresh_policy: str = "keep",
     max_density: float | None = None,
     moment_dtype: Any | None = None,
-    narrow_indices: bool = True,
     seed: int = 0,
-    selection_method: str = "bisection",
-    inplace_apply: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """NanoAdam with decoupled weight decay (like ``optax.adamw``), on selected entries only.
 
@@ -212,9 +207,8 @@ def nanoadamw(
       learning_rate, density, mask_interval, b1, b2, eps, bias_correction, mu_dtype: see
         :func:`nanoadam`.
       weight_decay: decoupled weight decay rate (non-negative float).
-      scope, block_size, criterion, labels, refresh_policy, state_layout,
-      max_density, moment_dtype, narrow_indices, seed, selection_method,
-      inplace_apply: see
+      scope, chunk_size, criterion, labels, dimension_numbers, layer_axis_names,
+      refresh_policy, max_density, moment_dtype, seed: see
         :func:`~nanoadam_jax.sparse_update`.
 
     Returns:
@@ -240,16 +234,14 @@ def nanoadamw(
             density,
             mask_interval,
             scope=scope,
-            block_size=block_size,
+            chunk_size=chunk_size,
             criterion=criterion,
             labels=labels,
+            dimension_numbers=dimension_numbers,
+            layer_axis_names=layer_axis_names,
             refresh_policy=refresh_policy,
-            state_layout=state_layout,
             max_density=max_density,
             moment_dtype=moment_dtype,
-            narrow_indices=narrow_indices,
             seed=seed,
-            selection_method=selection_method,
-            inplace_apply=inplace_apply,
         ),
     )

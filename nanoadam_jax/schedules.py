@@ -12,10 +12,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nanoadam_jax._checks import check_density, check_positive_int
 
-__all__ = ["DensitySchedule", "constant_density", "linear_density_decay"]
+__all__ = ["DensitySchedule", "constant_density", "linear_density_decay", "schedule_max"]
 
 DensitySchedule = Callable[[jax.typing.ArrayLike], jax.Array]
 
@@ -89,3 +90,60 @@ def linear_density_decay(
 
     schedule.max_density = float(max(init_density, end_density))  # type: ignore[attr-defined]
     return schedule
+
+
+#: Steps at which :func:`schedule_max` probes a schedule without a ``max_density``.
+PROBE_STEPS = (
+    *range(0, 1001),
+    *range(1000, 100_001, 100),
+    *range(100_000, 10_000_001, 10_000),
+)
+
+
+def schedule_max(schedule: DensitySchedule) -> float:
+    """The largest density a schedule returns, to size the state for it.
+
+    A schedule with a ``max_density`` attribute (:func:`constant_density`,
+    :func:`linear_density_decay`) gives it. Any other callable (``lambda s: 0.1``, an
+    ``optax`` schedule) is evaluated at every step up to 1000, every 100th up to 10**5
+    and every 10,000th up to 10**7, and the largest value is used; a later larger value
+    is capped at it (see :func:`~nanoadam_jax.sparse_update`). Pass ``max_density`` to
+    the optimizer to size the state for a schedule that peaks elsewhere.
+
+    Example:
+      >>> import optax, nanoadam_jax as nanoadam
+      >>> round(nanoadam.schedules.schedule_max(optax.linear_schedule(0.1, 0.05, 100)), 4)
+      0.1
+
+    Args:
+      schedule: a callable ``step -> density``.
+
+    Returns:
+      The largest density (a Python float in ``(0, 1]``).
+
+    Raises:
+      ValueError: the schedule cannot be evaluated eagerly or leaves ``(0, 1]``.
+    """
+    static = getattr(schedule, "max_density", None)
+    if static is not None:
+        return float(static)
+    try:
+        steps = jnp.asarray(np.asarray(PROBE_STEPS, np.int32))
+        values = np.asarray(jax.vmap(lambda s: jnp.asarray(schedule(s), jnp.float32))(steps))
+    except Exception as e:
+        raise ValueError(
+            "the `density` schedule could not be evaluated at init to size the optimizer "
+            "state; pass `max_density` (the largest density it returns)"
+        ) from e
+    if values.shape != (len(PROBE_STEPS),):
+        raise ValueError(
+            f"the `density` schedule must return a scalar, got shape {values.shape[1:]}"
+        )
+    bad = ~((values > 0) & (values <= 1))
+    if bad.any():
+        step = PROBE_STEPS[int(np.argmax(bad))]
+        raise ValueError(
+            f"the `density` schedule must return a scalar in (0, 1]; at step {step} it "
+            f"returned {float(values[np.argmax(bad)])!r}"
+        )
+    return float(values.max())

@@ -600,3 +600,43 @@ def leaf_bottom_k_indices(x: jax.Array, k: jax.Array, kmax: int, fill: int) -> j
     out = jnp.full((kmax,), fill, jnp.int32)
     out, _, _ = jax.lax.fori_loop(0, n_chunks, extract, (out, jnp.int32(0), jnp.int32(0)))
     return out
+
+
+def _order_keys(keys: jax.Array) -> jax.Array:
+    """int32 keys whose *largest* values are the smallest ``uint32`` keys (for top_k)."""
+    signed = jax.lax.bitcast_convert_type(keys ^ jnp.uint32(0x80000000), jnp.int32)
+    return ~signed
+
+
+def chunk_positions(keys: jax.Array, k: jax.typing.ArrayLike, capacity: int) -> jax.Array:
+    """Sorted positions of the ``k`` smallest keys in every row (chunk), ties by position.
+
+    The per-chunk selection of the compact layout: ``keys`` is ``(*grid, C)``, one row per
+    chunk; the result is ``(*grid, capacity)`` int32 positions into each row, ascending,
+    with the slots past ``k`` set to ``C`` (padding, used only when a traced ``k`` is
+    smaller than ``capacity``). Exact: ``jax.lax.top_k`` returns the lower position first
+    among equal keys.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> keys = jnp.array([[3, 1, 1, 1, 0], [9, 8, 7, 6, 5]], jnp.uint32)
+      >>> nanoadam.selection.chunk_positions(keys, 3, 3).tolist()
+      [[1, 2, 4], [2, 3, 4]]
+
+    Args:
+      keys: ``uint32`` keys (see :func:`selection_keys`), shape ``(*grid, C)``.
+      k: entries to select per row (int, may be traced; at most ``capacity``).
+      capacity: slots per row (static).
+
+    Returns:
+      int32 positions of shape ``(*grid, capacity)``.
+    """
+    c = keys.shape[-1]
+    if capacity == 0:
+        return jnp.zeros((*keys.shape[:-1], 0), jnp.int32)
+    _, pos = jax.lax.top_k(_order_keys(keys), capacity)
+    pos = pos.astype(jnp.int32)
+    if not (isinstance(k, int) and k >= capacity):
+        slot = jax.lax.broadcasted_iota(jnp.int32, pos.shape, pos.ndim - 1)
+        pos = jnp.where(slot < jnp.asarray(k, jnp.int32), pos, jnp.int32(c))
+    return jnp.sort(pos, axis=-1)

@@ -4,27 +4,24 @@ Three optax ``GradientTransformation`` factories live here:
 
 * :func:`sparse_update` wraps any element-wise optax transformation (``scale_by_adam``,
   ``scale_by_lion``...) so that it only ever sees, stores state for and updates the
-  selected entries. It is the efficient form: one selection per refresh, and (with
-  the default ``state_layout="compact"``) inner state of size ``k``, not ``n``.
+  selected entries: one selection per refresh, inner state of ``k`` values per chunk.
 * :func:`magnitude_mask` (alias :func:`mask`) zeroes the gradient outside the
   selection: *gradient masking only*. Chained before ``optax.adam`` it does **not**
   guarantee zero updates outside the mask, because Adam keeps momentum for entries
   that left the selection.
 * :func:`masked_apply` zeroes the updates outside the selection: it closes a spelled
-  out pipeline ``magnitude_mask -> scale_by_adam -> masked_apply -> lr``. Given the
-  same selection arguments, both recompute the same mask at the same steps (the
-  rule is deterministic and their step counters advance together, also inside
-  ``optax.MultiSteps`` and ``optax.apply_if_finite``).
+  out pipeline ``magnitude_mask -> scale_by_adam -> masked_apply -> lr``.
 
-Refresh rule (all three): the mask is recomputed at step 0, every ``mask_interval``
-steps, and at any step where the density (a float or a schedule ``step -> density``)
-differs from the density of the current mask. The decision runs under
-``jax.lax.cond``: steps without a refresh do no selection work.
+Where the parts live: the chunked state layout in :mod:`nanoadam_jax.layout`, the
+selection rule in :mod:`nanoadam_jax.selection`, density schedules in
+:mod:`nanoadam_jax.schedules`, the refresh rule and what a refresh does to the state in
+:mod:`nanoadam_jax.refresh`, which leaves are sparse in :mod:`nanoadam_jax.labels`.
+This module wires them into optax transformations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -32,15 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nanoadam_jax import _checks, selection
-from nanoadam_jax.labels import DENSE, FROZEN, SPARSE, Labels, label_params
+from nanoadam_jax import _checks, layout, refresh, schedules, selection
+from nanoadam_jax.labels import DENSE, FROZEN, SPARSE, Labels, _num_positional, label_params
+from nanoadam_jax.layout import LeafLayout, SelectionDimensionNumbers
 
 __all__ = [
-    "LAYOUTS",
     "REFRESH_POLICIES",
+    "SCOPES",
+    "STEP_ARG",
     "MagnitudeMaskState",
     "MaskedApplyState",
-    "STEP_ARG",
     "SparseUpdateState",
     "magnitude_mask",
     "mask",
@@ -48,19 +46,17 @@ __all__ = [
     "sparse_update",
 ]
 
-#: Accepted values of ``refresh_policy`` (what happens to the inner state at a refresh).
-REFRESH_POLICIES = ("reset", "keep")
-_INT32_MAX = 2**31 - 1
-#: Block length of ``scope="block"`` when ``block_size`` is None.
-DEFAULT_BLOCK_SIZE = 4096
-#: Accepted values of ``state_layout``.
-LAYOUTS = ("compact", "dense")
+REFRESH_POLICIES = refresh.REFRESH_POLICIES
+#: Accepted values of ``scope``: ``k`` per chunk (default; the paper's code), per layer of
+#: a leaf (exact per-tensor ``k``), or one threshold over all sparse leaves.
+SCOPES = ("chunk", "leaf", "global")
 #: Name of the extra argument with which :func:`sparse_update` passes its step counter
 #: (``sparse_step``, never reset by a refresh) to ``inner.update``; transformations that
 #: do not know it ignore it (optax's convention for extra arguments).
 STEP_ARG = "nanoadam_step"
 
 Density = float | jax.Array | Callable[[jax.Array], jax.Array]
+DimensionNumbers = layout.DimensionNumbers
 
 
 class SparseUpdateState(NamedTuple):
@@ -69,14 +65,14 @@ class SparseUpdateState(NamedTuple):
     Attributes:
       sparse_step: int32, number of updates done so far (drives ``mask_interval``).
       sparse_density: float32, the density the current selection was made with.
-      selected: per sparse leaf, the current selection (``None`` elsewhere). With
-        ``state_layout="compact"``: sorted int32 column indices of shape
-        ``(rows, k_max)`` into the leaf's ``(rows, cols)`` view (one row per leaf,
-        or one per block), padded with ``cols`` when fewer than ``k_max`` are live.
-        With ``state_layout="dense"``: a bool mask with the leaf's shape.
-      sparse_inner_state: the inner transformation's state for the sparse leaves,
-        over vectors of the ``rows * k_max`` selected values (compact) or over the
-        full leaves (dense).
+      selected: per sparse leaf (``None`` elsewhere), the current selection. With
+        ``scope="chunk"`` or ``"leaf"``: sorted positions inside each chunk, shaped
+        ``(*layer_axes, *chunk_grid, capacity)`` (``uint16`` when a chunk has fewer than
+        65536 entries, else ``int32``); slots past the current ``k`` hold the chunk
+        length. With ``scope="global"``: a bool mask with the leaf's shape.
+      sparse_inner_state: the inner transformation's state for the sparse leaves, over
+        the selected values (arrays shaped like ``selected``) or, for
+        ``scope="global"``, over the full leaves.
       dense_inner_state: the inner transformation's state for the dense leaves.
     """
 
@@ -93,12 +89,15 @@ class MagnitudeMaskState(NamedTuple):
     Attributes:
       mask_step: int32 update counter.
       mask_density: float32 density of the current mask.
-      mask: per sparse leaf a bool mask (``None`` for dense and frozen leaves).
+      mask: per sparse leaf a bool mask with the leaf's shape (``None`` elsewhere).
+      chunk_grid: per sparse leaf an empty ``(*layer_axes, *chunk_grid, 0)`` array whose
+        shape records the chunking chosen at ``init`` (``None`` elsewhere).
     """
 
     mask_step: jax.Array
     mask_density: jax.Array
     mask: Any
+    chunk_grid: Any
 
 
 class MaskedApplyState(NamedTuple):
@@ -108,169 +107,25 @@ class MaskedApplyState(NamedTuple):
       apply_step: int32 update counter.
       apply_density: float32 density of the current mask.
       apply_mask: per sparse leaf a bool mask (``None`` for dense and frozen leaves).
+      chunk_grid: as in :class:`MagnitudeMaskState`.
     """
 
     apply_step: jax.Array
     apply_density: jax.Array
     apply_mask: Any
+    chunk_grid: Any
 
 
 # --------------------------------------------------------------------------------------
-# Configuration shared by the three factories.
+# Pytree helpers.
 # --------------------------------------------------------------------------------------
 
 
-class _Selector:
-    """Validated selection arguments and the refresh/selection logic built on them."""
-
-    def __init__(
-        self,
-        density: Density,
-        mask_interval: int,
-        scope: str,
-        block_size: int | None,
-        criterion: str,
-        labels: Labels,
-        seed: int,
-        method: str,
-        max_density: float | None,
-    ):
-        _checks.check_positive_int("mask_interval", mask_interval)
-        _checks.check_choice("scope", scope, selection.SCOPES)
-        _checks.check_choice("criterion", criterion, selection.CRITERIA)
-        _checks.check_choice("selection_method", method, selection.METHODS)
-        self.block_size = _checks.check_static_positive_int(
-            "block_size",
-            DEFAULT_BLOCK_SIZE if block_size is None else block_size,
-            "With optax.inject_hyperparams pass static_args=('block_size', 'max_density').",
-        )
-        if max_density is not None:
-            if not _checks.is_concrete(max_density):
-                raise ValueError(
-                    "`max_density` must be a static number in (0, 1], got a traced value. "
-                    "With optax.inject_hyperparams pass static_args=('max_density',)."
-                )
-            _checks.check_density("max_density", max_density)
-            max_density = float(np.asarray(max_density))
-        if isinstance(seed, bool) or (
-            _checks.is_concrete(seed) and not np.issubdtype(np.asarray(seed).dtype, np.integer)
-        ):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}")
-
-        static = isinstance(density, (int, float)) and not isinstance(density, bool)
-        self.static_density = float(density) if static else None
-        if method == "top_k" and not static:
-            raise ValueError(
-                "`selection_method`='top_k' needs a fixed Python-number `density` (its k must "
-                "be static); use 'bisection' or 'sort' with a schedule or a traced density"
-            )
-        if callable(density):
-            self.density_fn = lambda step: jnp.asarray(density(step), jnp.float32)
-            static_max = getattr(density, "max_density", None)
-            _check_schedule(density)
-        else:
-            _checks.check_density("density", density)
-            if isinstance(density, (int, float)):
-                static_max = float(density)
-            else:
-                # An array (e.g. from optax.inject_hyperparams): its value may change,
-                # so the buffers cannot be sized from it.
-                static_max = None
-            self.density_fn = lambda step: jnp.asarray(density, jnp.float32)
-        if max_density is not None:
-            if static_max is not None and static_max > max_density:
-                raise ValueError(
-                    f"`max_density`={max_density} is below the density's largest value {static_max}"
-                )
-            static_max = max_density
-        # None means: size compact buffers for density 1.0 (documented).
-        self.max_density = static_max
-        self.mask_interval = mask_interval
-        self.scope = scope
-        self.criterion = criterion
-        self.labels = labels
-        self.seed = seed
-        self.method = method
-        # The bounded-memory refresh path of sparse_update (same selection rule).
-        self.lean = scope == "leaf" and criterion == "smallest" and method == "bisection"
-
-    # -- refresh decision ---------------------------------------------------------------
-
-    def refresh_decision(self, step: jax.Array, current: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(refresh?, density now)`` for the step about to be taken."""
-        density = self.density_fn(step)
-        if self.max_density is not None:
-            # Compact buffers hold num_selected(n, max_density) entries: never select more.
-            density = jnp.minimum(density, jnp.float32(self.max_density))
-        refresh = (step % self.mask_interval == 0) | (density != current)
-        return refresh, density
-
-    def key(self, step: jax.Array) -> jax.Array | None:
-        if self.criterion != "random":
-            return None
-        return jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
-
-    # -- selection ----------------------------------------------------------------------
-
-    def masks(self, leaves: list[jax.Array], density: jax.Array, step: jax.Array) -> list:
-        """Bool masks for the sparse leaves (in order)."""
-        key = self.key(step)
-        if self.static_density is not None:
-            density = self.static_density
-        if self.scope == "global":
-            return selection.select_global_masks(leaves, density, criterion=self.criterion, key=key)
-        return [
-            selection.select_mask(
-                x,
-                density,
-                scope=self.scope,
-                block_size=self.block_size,
-                criterion=self.criterion,
-                key=None if key is None else jax.random.fold_in(key, i),
-                method=self.method,
-            )
-            for i, x in enumerate(leaves)
-        ]
-
-    def layout(self, n: int) -> tuple[int, int, int]:
-        """``(rows, cols, k_max per row)`` of a sparse leaf's compact buffer."""
-        rows, cols = selection.block_layout(n, self.scope, self.block_size)
-        if n == 0:
-            return rows, cols, 0
-        d = 1.0 if self.max_density is None else self.max_density
-        kmax = selection.num_selected_static(min(n, cols), d)
-        return rows, cols, kmax
+def _positions(labels: list[str], label: str) -> list[int]:
+    return [i for i, lab in enumerate(labels) if lab == label]
 
 
-def _check_schedule(schedule: Callable[[Any], Any]) -> None:
-    """Evaluate a density schedule eagerly at a few steps and check its range."""
-    for step in (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000):
-        try:
-            value = schedule(jnp.asarray(step, jnp.int32))
-            arr = np.asarray(value)
-        except Exception:
-            return
-        if arr.shape != () or not 0.0 < float(arr) <= 1.0:
-            raise ValueError(
-                f"the `density` schedule must return a scalar in (0, 1]; at step {step} it "
-                f"returned {value!r}"
-            )
-        static_max = getattr(schedule, "max_density", None)
-        if static_max is not None and float(arr) > np.float32(static_max):
-            raise ValueError(
-                f"the `density` schedule returned {float(arr)} at step {step}, above its "
-                f"`max_density` attribute {static_max} (which sizes the compact buffers)"
-            )
-
-
-def _split(tree: Any, labels: Any, label: str) -> list[tuple[int, Any]]:
-    """``[(position, leaf)]`` of the leaves with a given label (flat order)."""
-    leaves = jax.tree.leaves(tree)
-    flat_labels = jax.tree.leaves(labels)
-    return [(i, x) for i, (x, lab) in enumerate(zip(leaves, flat_labels)) if lab == label]
-
-
-def _subtree(treedef: Any, n_leaves: int, items: list[tuple[int, Any]]) -> Any:
+def _subtree(treedef: Any, n_leaves: int, items: Sequence[tuple[int, Any]]) -> Any:
     """A tree with the given leaves at their positions and ``None`` elsewhere."""
     leaves: list[Any] = [None] * n_leaves
     for i, x in items:
@@ -283,24 +138,27 @@ def _is_box(x: Any) -> bool:
     return (hasattr(x, "get_metadata") and hasattr(x, "get_value")) or hasattr(x, "unbox")
 
 
-def _plain_treedef(params: Any) -> Any:
-    """``params``' structure with metadata boxes as leaves: for state that is not
-    param-shaped (compact buffers), so it does not inherit e.g. a box's sharding names."""
-    boxed = jax.tree.structure(params, is_leaf=_is_box)
-    if boxed.num_leaves != jax.tree.structure(params).num_leaves:
-        return jax.tree.structure(params)  # a box with several arrays: keep it
-    return boxed
+def _boxes(params: Any) -> tuple[Any, list[Any]]:
+    """``params``' structure with metadata boxes as leaves, and those leaves.
+
+    State that is not param-shaped (the compact buffers) uses this structure, so it
+    does not inherit e.g. a box's sharding names.
+    """
+    leaves, boxed = jax.tree.flatten(params, is_leaf=_is_box)
+    if len(leaves) != jax.tree.structure(params).num_leaves:
+        return jax.tree.structure(params), jax.tree.leaves(params)
+    return boxed, leaves
 
 
 def _leaf_sharding(p: Any) -> Any:
-    """A parameter's NamedSharding when it is known here, else None.
-
-    Known for concrete arrays, for ``jax.ShapeDtypeStruct(..., sharding=...)`` and, while
-    tracing, under explicit sharding (``jax.typeof(p).sharding``).
-    """
-    sharding = getattr(p, "sharding", None) if not isinstance(p, jax.core.Tracer) else None
-    if sharding is None and isinstance(p, jax.core.Tracer):
-        sharding = selection._out_sharding(p)
+    """A parameter's NamedSharding when it is known here, else None."""
+    if isinstance(p, jax.core.Tracer):
+        sharding = getattr(jax.typeof(p), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if spec is None or all(s is None for s in spec):
+            return None
+    else:
+        sharding = getattr(p, "sharding", None)
     return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
@@ -318,62 +176,369 @@ def _require_params(params: Any, name: str) -> None:
         )
 
 
+def _rows_gather(view: jax.Array, pos: jax.Array, padded: bool) -> jax.Array:
+    """``view[..., pos]`` row by row (leading axes are batch axes; no collective when they
+    are sharded). Padding positions (``== C``) read zero."""
+    nb = view.ndim - 1
+    dnums = jax.lax.GatherDimensionNumbers(
+        offset_dims=(),
+        collapsed_slice_dims=(nb,),
+        start_index_map=(nb,),
+        operand_batching_dims=tuple(range(nb)),
+        start_indices_batching_dims=tuple(range(nb)),
+    )
+    mode = jax.lax.GatherScatterMode.FILL_OR_DROP if padded else jax.lax.GatherScatterMode.CLIP
+    return jax.lax.gather(
+        view,
+        pos.astype(jnp.int32)[..., None],
+        dnums,
+        slice_sizes=(1,) * view.ndim,
+        indices_are_sorted=True,
+        mode=mode,
+        fill_value=0,
+    )
+
+
+def _rows_scatter_add(base: jax.Array, pos: jax.Array, values: jax.Array) -> jax.Array:
+    """``base`` with ``values`` added at ``pos`` row by row; padding positions dropped.
+
+    A scatter-*add* into zeros: when the result is added to the parameters in the same
+    jitted step (``optax.apply_updates``), XLA turns both into one in-place scatter-add
+    into the parameters (no parameter-sized update buffer).
+    """
+    nb = base.ndim - 1
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(),
+        inserted_window_dims=(nb,),
+        scatter_dims_to_operand_dims=(nb,),
+        operand_batching_dims=tuple(range(nb)),
+        scatter_indices_batching_dims=tuple(range(nb)),
+    )
+    return jax.lax.scatter_add(
+        base,
+        pos.astype(jnp.int32)[..., None],
+        values.astype(base.dtype),
+        dnums,
+        indices_are_sorted=True,
+        unique_indices=True,
+        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Validated configuration shared by the three factories.
+# --------------------------------------------------------------------------------------
+
+
+class _Config:
+    """The selection arguments, validated, and the per-leaf decisions built on them."""
+
+    def __init__(
+        self,
+        density: Density,
+        mask_interval: Any,
+        scope: str,
+        chunk_size: Any,
+        criterion: str,
+        labels: Labels,
+        seed: Any,
+        max_density: Any,
+        dimension_numbers: DimensionNumbers,
+        layer_axis_names: Sequence[str],
+    ):
+        _checks.check_positive_int("mask_interval", mask_interval)
+        if scope == "block":
+            raise ValueError(
+                "`scope`='block' was replaced by the default scope='chunk' (exactly k per "
+                "chunk of `chunk_size` entries); pass chunk_size=... to set the length"
+            )
+        _checks.check_choice("scope", scope, SCOPES)
+        _checks.check_choice("criterion", criterion, selection.CRITERIA)
+        if chunk_size is not None and _checks.is_concrete(chunk_size):
+            chunk_size = _checks.check_static_positive_int("chunk_size", chunk_size)
+        if max_density is not None and _checks.is_concrete(max_density):
+            _checks.check_density("max_density", max_density)
+            max_density = float(np.asarray(max_density))
+        if isinstance(seed, bool) or (
+            _checks.is_concrete(seed) and not np.issubdtype(np.asarray(seed).dtype, np.integer)
+        ):
+            raise ValueError(f"`seed` must be an integer, got {seed!r}")
+        if isinstance(layer_axis_names, str) or not all(
+            isinstance(n, str) for n in layer_axis_names
+        ):
+            raise ValueError(
+                f"`layer_axis_names` must be a sequence of axis names, got {layer_axis_names!r}"
+            )
+        if callable(density):
+            self.density_fn = lambda step: jnp.asarray(density(step), jnp.float32)
+        else:
+            _checks.check_density("density", density)
+            self.density_fn = lambda step: jnp.asarray(density, jnp.float32)
+        self.density = density
+        self.max_density = max_density
+        self.mask_interval = mask_interval
+        self.scope = scope
+        self.chunk_size = chunk_size
+        self.criterion = criterion
+        self.labels = labels
+        self.seed = seed
+        self.dimension_numbers = dimension_numbers
+        self.layer_axis_names = tuple(layer_axis_names)
+
+    # -- sizing (init) ----------------------------------------------------------------
+
+    def init_max_density(self) -> float:
+        """The largest density the state must hold, decided at ``init``."""
+        given = self.max_density
+        if given is not None and not _checks.is_concrete(given):
+            raise ValueError(
+                "`max_density` is traced at init: it must be a number known when the "
+                "state is created (it sizes the state)"
+            )
+        density = self.density
+        if callable(density):
+            largest = schedules.schedule_max(density)
+        elif _checks.is_concrete(density):
+            largest = float(np.asarray(density))
+        elif given is None:
+            raise ValueError(
+                "`density` is traced when the optimizer state is created (e.g. init under "
+                "jax.vmap over densities), so the state cannot be sized from it: pass "
+                "`max_density` (a Python float, the largest density of the grid)"
+            )
+        else:
+            largest = given
+        if given is not None:
+            if largest > given + 1e-7:
+                raise ValueError(
+                    f"`max_density`={given} is below the density's largest value {largest}"
+                )
+            largest = given
+        return largest
+
+    def batch_axes(self, params: Any, boxes: list[Any], at_init: bool) -> list[tuple[int, ...]]:
+        """The layer axes of every leaf: declared, else (at init) from Flax metadata."""
+        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+        dims = self.dimension_numbers
+        if dims is None:
+            declared = [None] * len(leaves_with_path)
+        elif isinstance(dims, SelectionDimensionNumbers):
+            declared = [dims] * len(leaves_with_path)
+        elif callable(dims) and _num_positional(dims) == 2:
+            declared = [dims(path, leaf) for path, leaf in leaves_with_path]
+        else:
+            tree = dims(params) if callable(dims) else dims
+            try:
+                declared = treedef.flatten_up_to(tree)
+            except (ValueError, TypeError) as e:
+                raise ValueError(
+                    "`dimension_numbers` must be a SelectionDimensionNumbers, a tree of them "
+                    f"(None for the default) with the structure of the parameters, or a "
+                    f"callable returning one; {e}"
+                ) from e
+        out = []
+        for (path, leaf), dn, box in zip(leaves_with_path, declared, boxes):
+            ndim = len(leaf.shape)
+            where = jax.tree_util.keystr(path)
+            if dn is not None:
+                if not isinstance(dn, SelectionDimensionNumbers):
+                    raise ValueError(
+                        f"`dimension_numbers` for {where} must be a "
+                        f"SelectionDimensionNumbers or None, got {dn!r}"
+                    )
+                try:
+                    axes = {int(a) % ndim for a in dn.axes} if ndim else set()
+                except (TypeError, ZeroDivisionError) as e:
+                    raise ValueError(f"bad `dimension_numbers` for {where}: {dn!r}") from e
+                if any(not -ndim <= int(a) < ndim for a in dn.axes) or not axes:
+                    raise ValueError(
+                        f"`dimension_numbers` for {where} (shape {tuple(leaf.shape)}) must "
+                        f"name at least one valid axis, got {dn!r}"
+                    )
+                out.append(tuple(a for a in range(ndim) if a not in axes))
+                continue
+            found = layout.layer_axes_from_metadata(box, self.layer_axis_names) if at_init else ()
+            if found and found != tuple(range(len(found))):
+                raise ValueError(
+                    f"{where}: the layer axes {found} found in its metadata are not the leading "
+                    "axes; declare them with `dimension_numbers` (SelectionDimensionNumbers)"
+                )
+            out.append(found)
+        return out
+
+    def key(self, step: jax.Array, seed: Any) -> jax.Array | None:
+        if self.criterion != "random":
+            return None
+        return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+    # -- selection --------------------------------------------------------------------
+
+    def positions(
+        self, lay: LeafLayout, view: jax.Array, density: jax.Array, key: jax.Array | None
+    ) -> jax.Array:
+        """Selected positions of one leaf (given as ``lay.view(x)``), ``(*grid, capacity)``."""
+        keys = selection.selection_keys(view, self.criterion, key)
+        k = self.chunk_k(lay, density)
+        return selection.chunk_positions(keys, k, lay.capacity).astype(lay.index_dtype)
+
+    def chunk_k(self, lay: LeafLayout, density: jax.Array) -> Any:
+        """Entries selected per chunk: the rounding rule, capped at the capacity."""
+        if isinstance(self.density, (int, float)) and self.max_density is None:
+            return lay.capacity  # static: the capacity is exactly k
+        k = selection.num_selected(lay.chunk, density)
+        return jnp.minimum(k, jnp.int32(lay.capacity))
+
+    def padded(self) -> bool:
+        """True when fewer than ``capacity`` entries may be selected (padding slots)."""
+        return not (isinstance(self.density, (int, float)) and self.max_density is None)
+
+
+def _init_layouts(config: _Config, params: Any, sparse: list[int]) -> dict[int, LeafLayout]:
+    """Per sparse leaf (by flat position), its layout decided from shapes and metadata."""
+    _, boxes = _boxes(params)
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+    axes = config.batch_axes(params, boxes, at_init=True)
+    max_density = config.init_max_density()
+    out = {}
+    for i in sparse:
+        path, p = leaves_with_path[i]
+        out[i] = layout.leaf_layout(
+            p.shape,
+            batch_axes=axes[i],
+            scope=config.scope,
+            chunk_size=config.chunk_size,
+            max_density=max_density,
+            sharding=_leaf_sharding(p),
+            path=jax.tree_util.keystr(path),
+        )
+    return out
+
+
+def _update_layouts(
+    config: _Config, params: Any, sparse: list[int], stored: list[Any]
+) -> dict[int, LeafLayout]:
+    """Per sparse leaf, its layout read back from the state (shapes chosen at init)."""
+    _, boxes = _boxes(params)
+    leaves = jax.tree.leaves(params)
+    axes = config.batch_axes(params, boxes, at_init=False)
+    return {
+        i: layout.layout_from_state(leaves[i].shape, axes[i], stored[i].shape, stored[i].dtype)
+        for i in sparse
+    }
+
+
+def _state_array(lay: LeafLayout, fill: int, dtype: Any, like: Any) -> jax.Array:
+    """A ``(*grid, capacity)`` array, sharded like the leaf's rows when that is known."""
+    sharding = None
+    ps = _leaf_sharding(like)
+    if lay.spec is not None and ps is not None:
+        sharding = jax.sharding.NamedSharding(ps.mesh, jax.sharding.PartitionSpec(*lay.spec, None))
+    if isinstance(like, jax.ShapeDtypeStruct) or isinstance(like, jax.core.Tracer):
+        arr = jnp.full(lay.state_shape, fill, dtype)
+        if sharding is not None and isinstance(like, jax.core.Tracer):
+            arr = jax.lax.with_sharding_constraint(arr, sharding)
+        return arr
+    return jnp.full(lay.state_shape, fill, dtype, device=sharding)
+
+
 # --------------------------------------------------------------------------------------
 # magnitude_mask / masked_apply: full-size bool masks.
 # --------------------------------------------------------------------------------------
 
 
-def _mask_init(selector: _Selector, params: Any) -> tuple[jax.Array, jax.Array, Any]:
-    labels = label_params(params, selector.labels)
-    masks = jax.tree.map(
-        lambda p, lab: jnp.zeros_like(p, dtype=bool) if lab == SPARSE else None, params, labels
-    )
-    return jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32), masks
-
-
-def _mask_update(
-    selector: _Selector,
-    updates: Any,
-    step: jax.Array,
-    density_now: jax.Array,
-    masks: Any,
-    params: Any,
-) -> tuple[Any, jax.Array, Any]:
-    """Refresh the masks if due, and apply them (and the labels) to ``updates``."""
-    labels = label_params(params, selector.labels)
+def _mask_init(config: _Config, params: Any) -> tuple[Any, ...]:
     leaves, treedef = jax.tree.flatten(params)
-    sparse = _split(params, labels, SPARSE)
-    refresh, density = selector.refresh_decision(step, density_now)
+    labels = treedef.flatten_up_to(label_params(params, config.labels))
+    sparse = _positions(labels, SPARSE)
+    masks = [(i, jnp.zeros_like(leaves[i], dtype=bool)) for i in sparse]
+    grids = []
+    if config.scope != "global":
+        lays = _init_layouts(config, params, sparse)
+        grids = [(i, jnp.zeros((*lays[i].grid, 0), jnp.int32)) for i in sparse]
+    sdef, _ = _boxes(params)
+    return (
+        jnp.zeros([], jnp.int32),
+        jnp.zeros([], jnp.float32),
+        _subtree(treedef, len(leaves), masks),
+        _subtree(sdef, len(leaves), grids),
+    )
 
-    def do_refresh(_):
-        new = selector.masks([x for _, x in sparse], density, step)
-        return _subtree(treedef, len(leaves), list(zip([i for i, _ in sparse], new)))
 
-    masks = jax.lax.cond(refresh, do_refresh, lambda m: m, masks)
-    flat_masks = treedef.flatten_up_to(masks)
-    flat_labels = treedef.flatten_up_to(labels)
+def _masks_from_positions(lay: LeafLayout, pos: jax.Array) -> jax.Array:
+    ones = jnp.ones(pos.shape, jnp.int32)
+    hit = _rows_scatter_add(jnp.zeros((*lay.grid, lay.chunk), jnp.int32), pos, ones)
+    return lay.unview(hit > 0)
+
+
+def _mask_update(config: _Config, updates: Any, state: tuple[Any, ...], params: Any):
+    """Refresh the masks if due, and apply them (and the labels) to ``updates``."""
+    step, current, masks, grids = state
+    leaves, treedef = jax.tree.flatten(params)
+    labels = treedef.flatten_up_to(label_params(params, config.labels))
+    sparse = _positions(labels, SPARSE)
+    sdef, _ = _boxes(params)
+    density = config.density_fn(step)
+    due = refresh.refresh_due(step, config.mask_interval, density, current)
+    if config.scope != "global":
+        stored = sdef.flatten_up_to(grids)
+        axes = config.batch_axes(params, _boxes(params)[1], at_init=False)
+        lays = {
+            i: layout.layout_from_state(leaves[i].shape, axes[i], stored[i].shape, jnp.int32)
+            for i in sparse
+        }
+
+    def select(op):
+        xs, density, step, seed = op
+        key = config.key(step, seed)
+        if config.scope == "global":
+            return selection.select_global_masks(xs, density, criterion=config.criterion, key=key)
+        out = []
+        for j, (i, x) in enumerate(zip(sparse, xs)):
+            leaf_key = None if key is None else jax.random.fold_in(key, j)
+            lay = lays[i]
+            keys = selection.selection_keys(lay.view(x), config.criterion, leaf_key)
+            rows = keys.reshape(-1, lay.chunk)
+            k = jnp.broadcast_to(selection.num_selected(lay.chunk, density), (rows.shape[0],))
+            out.append(lay.unview(selection.bottom_k_mask(rows, k).reshape(keys.shape)))
+        return out
+
+    old = treedef.flatten_up_to(masks)
+    new = refresh.cond(
+        due,
+        lambda op: select(op[0]),
+        lambda op: op[1],
+        (([leaves[i] for i in sparse], density, step, config.seed), [old[i] for i in sparse]),
+    )
+    flat_masks = list(old)
+    for i, m in zip(sparse, new):
+        flat_masks[i] = m
     flat_updates = treedef.flatten_up_to(updates)
     out = []
-    for u, m, lab in zip(flat_updates, flat_masks, flat_labels):
+    for i, (u, lab) in enumerate(zip(flat_updates, labels)):
         if lab == SPARSE:
-            out.append(jnp.where(m, u, jnp.zeros_like(u)))
+            out.append(jnp.where(flat_masks[i], u, jnp.zeros_like(u)))
         elif lab == DENSE:
             out.append(u)
         else:
             out.append(_zero_update(u))
-    return jax.tree_util.tree_unflatten(treedef, out), density, masks
+    new_masks = jax.tree_util.tree_unflatten(treedef, flat_masks)
+    return (
+        jax.tree_util.tree_unflatten(treedef, out),
+        (optax.safe_int32_increment(step), density, new_masks, grids),
+    )
 
 
 def magnitude_mask(
     density: Density = 0.1,
     mask_interval: int = 100,
     *,
-    scope: str = "leaf",
-    block_size: int | None = None,
+    scope: str = "chunk",
+    chunk_size: int | None = None,
     criterion: str = "smallest",
     labels: Labels = None,
+    dimension_numbers: DimensionNumbers = None,
+    layer_axis_names: Sequence[str] = layout.LAYER_AXIS_NAMES,
     seed: int = 0,
-    selection_method: str = "bisection",
 ) -> optax.GradientTransformationExtraArgs:
     """Keep the gradient only at the selected (by default: smallest-magnitude) entries.
 
@@ -381,7 +546,8 @@ def magnitude_mask(
     Adam still moves entries that left the selection, with their stale momentum. Close
     the pipeline with :func:`masked_apply` (same arguments) to get exact zeros outside
     the mask, or use :func:`sparse_update` / :func:`~nanoadam_jax.nanoadam`, which also
-    store moments only for the selected entries.
+    store moments only for the selected entries. Given the same selection arguments it
+    selects the same entries as :func:`sparse_update`, at the same steps.
 
     Dense leaves (see :mod:`nanoadam_jax.labels`) pass through unchanged; frozen
     leaves get zero updates.
@@ -396,36 +562,42 @@ def magnitude_mask(
       [-1.0, -0.0, -1.0, -0.0]
 
     Args:
-      density: fraction of each sparse leaf to select, in ``(0, 1]``, or a schedule
+      density: fraction of each chunk to select, in ``(0, 1]``, or a schedule
         ``step -> density`` (see :mod:`nanoadam_jax.schedules`). May be traced.
       mask_interval: refresh the mask every this many steps (positive int).
-      scope: ``"leaf"`` (the paper), ``"block"`` (exactly ``k`` per ``block_size``
-        flattened entries) or ``"global"`` (one threshold over all sparse leaves).
-      block_size: block length for ``scope="block"`` (None: 4096).
+      scope: ``"chunk"``, ``"leaf"`` or ``"global"``; see :func:`sparse_update`.
+      chunk_size: target chunk length; see :func:`sparse_update`.
       criterion: ``"smallest"`` ``|w|`` (the paper), ``"largest"`` or ``"random"``
         (seeded by ``seed``, new at each refresh) for ablations.
       labels: which leaves are sparse, dense or frozen; see :mod:`nanoadam_jax.labels`.
+      dimension_numbers: layer axes; see :func:`sparse_update`.
+      layer_axis_names: metadata names of layer axes; see :func:`sparse_update`.
       seed: seed of ``criterion="random"``.
-      selection_method: ``"bisection"`` (default), ``"sort"`` or ``"top_k"``; all exact.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
-    selector = _Selector(
-        density, mask_interval, scope, block_size, criterion, labels, seed, selection_method, None
+    config = _Config(
+        density,
+        mask_interval,
+        scope,
+        chunk_size,
+        criterion,
+        labels,
+        seed,
+        1.0,
+        dimension_numbers,
+        layer_axis_names,
     )
 
     def init_fn(params):
-        return MagnitudeMaskState(*_mask_init(selector, params))
+        return MagnitudeMaskState(*_mask_init(config, params))
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _require_params(params, "magnitude_mask")
-        out, density, masks = _mask_update(
-            selector, updates, state.mask_step, state.mask_density, state.mask, params
-        )
-        step = optax.safe_int32_increment(state.mask_step)
-        return out, MagnitudeMaskState(step, density, masks)
+        out, new = _mask_update(config, updates, tuple(state), params)
+        return out, MagnitudeMaskState(*new)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -438,12 +610,13 @@ def masked_apply(
     density: Density = 0.1,
     mask_interval: int = 100,
     *,
-    scope: str = "leaf",
-    block_size: int | None = None,
+    scope: str = "chunk",
+    chunk_size: int | None = None,
     criterion: str = "smallest",
     labels: Labels = None,
+    dimension_numbers: DimensionNumbers = None,
+    layer_axis_names: Sequence[str] = layout.LAYER_AXIS_NAMES,
     seed: int = 0,
-    selection_method: str = "bisection",
 ) -> optax.GradientTransformationExtraArgs:
     """Zero the updates outside the selection: closes a spelled-out NanoAdam pipeline.
 
@@ -472,21 +645,27 @@ def masked_apply(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
-    selector = _Selector(
-        density, mask_interval, scope, block_size, criterion, labels, seed, selection_method, None
+    config = _Config(
+        density,
+        mask_interval,
+        scope,
+        chunk_size,
+        criterion,
+        labels,
+        seed,
+        1.0,
+        dimension_numbers,
+        layer_axis_names,
     )
 
     def init_fn(params):
-        return MaskedApplyState(*_mask_init(selector, params))
+        return MaskedApplyState(*_mask_init(config, params))
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _require_params(params, "masked_apply")
-        out, density, masks = _mask_update(
-            selector, updates, state.apply_step, state.apply_density, state.apply_mask, params
-        )
-        step = optax.safe_int32_increment(state.apply_step)
-        return out, MaskedApplyState(step, density, masks)
+        out, new = _mask_update(config, updates, tuple(state), params)
+        return out, MaskedApplyState(*new)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -496,210 +675,41 @@ def masked_apply(
 # --------------------------------------------------------------------------------------
 
 
-def _late_zeros(shape: tuple[int, ...], values: jax.Array) -> jax.Array:
-    """Zeros that XLA cannot materialise before ``values`` exist.
+class _Moments:
+    """Storage dtype of the inner state (``moment_dtype``): cast on store, upcast on load."""
 
-    ``jnp.zeros`` buffers of all leaves are otherwise CSE'd into one broadcast whose
-    per-leaf copies (the scatter operands) are scheduled at the start of the step and stay
-    live through the whole forward/backward pass (+1x the sparse parameters in temp
-    memory). The scalar is always +0.0, but derived from the values; XLA does not fold
-    ``x * 0`` for floats. (``optimization_barrier`` does not help: XLA:CPU expands it.)
-    """
-    if values.size == 0:
-        return jnp.zeros(shape, values.dtype)
-    v0 = values.reshape(-1)[0]
-    zero = jnp.abs(jnp.where(jnp.isfinite(v0), v0, jnp.zeros((), v0.dtype)) * 0)
-    return jnp.broadcast_to(zero, shape)
+    def __init__(self, moment_dtype: Any):
+        if moment_dtype is not None:
+            moment_dtype = jnp.dtype(moment_dtype)
+            if not jnp.issubdtype(moment_dtype, jnp.floating):
+                raise ValueError(f"`moment_dtype` must be a floating dtype, got {moment_dtype}")
+        self.dtype = moment_dtype
 
+    def _map(self, fn: Callable[[jax.Array], jax.Array], tree: Any) -> Any:
+        def cast(x):
+            if jnp.ndim(x) and jnp.issubdtype(x.dtype, jnp.floating):
+                return fn(x)
+            return x
 
-def _gather_flat(flat: jax.Array, idx: jax.Array, in_bounds: bool) -> jax.Array:
-    """``flat[idx]`` for sorted, non-negative ``idx``; out-of-range slots give ``0``.
+        return tree if self.dtype is None else jax.tree.map(cast, tree)
 
-    ``jax.lax.gather`` directly: ``jnp.take`` would first wrap negative indices (a
-    k-sized select pass per leaf and step, and an index buffer that XLA schedules early).
-    ``in_bounds`` (every slot a real position) clamps instead of masking. Indices are
-    int32 for the gather (XLA's SPMD partitioner refuses uint16 gather indices).
-    """
-    dnums = jax.lax.GatherDimensionNumbers(
-        offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
-    )
-    mode = jax.lax.GatherScatterMode.CLIP if in_bounds else jax.lax.GatherScatterMode.FILL_OR_DROP
-    return jax.lax.gather(
-        flat,
-        idx.astype(jnp.int32)[:, None],
-        dnums,
-        slice_sizes=(1,),
-        indices_are_sorted=True,
-        mode=mode,
-        fill_value=0,
-    )
+    def store(self, tree: Any) -> Any:
+        return self._map(lambda x: x.astype(self.dtype), tree)
+
+    def load(self, tree: Any) -> Any:
+        return self._map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
 
 
-class _CompactLeaf:
-    """Gather/scatter between a leaf and its ``(rows, k_max)`` compact buffer.
-
-    If the leaf is sharded along its first axis only and every shard holds whole
-    blocks (``scope="block"`` with ``block_size`` dividing the per-shard size), the
-    buffers are sharded along rows in the same way, and gather, inner update, scatter
-    and the per-row selection are local to each device (no collective).
-    """
-
-    def __init__(
-        self, p: Any, selector: _Selector, unique: bool, narrow: bool, inplace: bool = False
-    ):
-        self.shape = tuple(p.shape)
-        self.inplace = inplace
-        self.n = int(np.prod(self.shape)) if self.shape else 1
-        self.rows, self.cols, self.kmax = selector.layout(self.n)
-        self.unique = unique
-        # Column indices run up to ``cols`` (the padding sentinel).
-        self.index_dtype = jnp.uint16 if narrow and self.cols <= 0xFFFF else jnp.int32
-        self.row_spec = None  # mesh axes of the rows, when the buffers are row-sharded
-        self.mesh = None
-        sharding = _leaf_sharding(p)
-        explicit = sharding is not None and any(
-            t == jax.sharding.AxisType.Explicit for t in getattr(sharding.mesh, "axis_types", ())
-        )
-        # Under explicit sharding the bookkeeping runs in ``auto_axes`` with these outputs.
-        self.explicit = sharding if explicit else None
-        if sharding is None or self.rows == 1 or not self.shape:
-            return
-        spec = tuple(sharding.spec) + (None,) * (len(self.shape) - len(sharding.spec))
-        names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-        names = tuple(a for a in names if a is not None)
-        shards = int(np.prod([sharding.mesh.shape[a] for a in names])) if names else 1
-        aligned = self.n % self.cols == 0 and self.rows % shards == 0
-        if names and aligned and all(a is None for a in spec[1:]):
-            self.row_spec, self.mesh = spec[0], sharding.mesh
-
-    def _full(self, shape: tuple[int, ...], value: Any, dtype: Any) -> jax.Array:
-        if self.row_spec is None:
-            return jnp.full(shape, value, dtype)
-        spec = jax.sharding.PartitionSpec(self.row_spec, *([None] * (len(shape) - 1)))
-        return jnp.full(shape, value, dtype, device=jax.sharding.NamedSharding(self.mesh, spec))
-
-    def _auto(self, fn: Any, out_dims: int, *args: Any) -> Any:
-        """``fn(*args)``; under explicit sharding inside ``auto_axes`` (XLA partitions it),
-        returning a buffer sharded along rows (``out_dims`` axes) or like the leaf (0)."""
-        if self.explicit is None:
-            return fn(*args)
-        if out_dims == 0:
-            spec = self.explicit.spec
-        else:
-            spec = jax.sharding.PartitionSpec(self.row_spec, *([None] * (out_dims - 1)))
-        out = jax.sharding.NamedSharding(self.explicit.mesh, spec)
-        return jax.sharding.auto_axes(fn, out_sharding=out)(*args)
-
-    def zeros(self, dtype: Any) -> jax.Array:
-        """Zero inner-state vector, sharded like the rows."""
-        return self._full((self.size,), 0, dtype)
-
-    def _rows(self, x: jax.Array, fill: Any) -> jax.Array:
-        flat = x.reshape(-1)
-        if self.n == self.rows * self.cols:
-            return flat.reshape(self.rows, self.cols)  # no padding: a free view when aligned
-        return selection._as_rows(flat, self.cols, fill)
-
-    def check(self, path: str) -> None:
-        if self.cols > _INT32_MAX:
-            raise ValueError(
-                f"the leaf at {path} has {self.n} entries, more than int32 indices can address "
-                "with scope='leaf'; use scope='block' (block-local indices) for leaves above "
-                "2**31 - 1 entries"
-            )
-
-    @property
-    def size(self) -> int:
-        return self.rows * self.kmax
-
-    def empty_indices(self) -> jax.Array:
-        return self._full((self.rows, self.kmax), self.cols, self.index_dtype)
-
-    def indices_from_mask(self, mask: jax.Array) -> jax.Array:
-        def row(m):
-            return jnp.nonzero(m, size=self.kmax, fill_value=self.cols)[0]
-
-        def fn(mask):
-            if self.rows == 1:
-                return row(mask.reshape(-1)).astype(self.index_dtype)[None]
-            return jax.vmap(row)(self._rows(mask, jnp.bool_(False))).astype(self.index_dtype)
-
-        return self._auto(fn, 2, mask)
-
-    def gather(self, x: jax.Array, idx: jax.Array) -> jax.Array:
-        def fn(x, idx):
-            if self.rows == 1:
-                # A fixed density: every slot holds a real position after the first
-                # refresh (step 0), so the gather clamps instead of masking each entry.
-                return _gather_flat(x.reshape(-1), idx[0], self.unique and self.n > 0)
-            # Per row (block); short blocks have padding slots, so this one masks them.
-            x2 = self._rows(x, jnp.zeros((), x.dtype))
-            return jax.vmap(lambda r, i: _gather_flat(r, i, False))(x2, idx).reshape(-1)
-
-        return self._auto(fn, 1, x, idx)
-
-    def scatter(self, values: jax.Array, idx: jax.Array, dtype: Any) -> jax.Array:
-        def fn(values, idx):
-            values = values.astype(dtype)
-            if self.rows == 1:
-                if not self.inplace:
-                    # A separate update buffer (zeros that XLA cannot hoist, see
-                    # ``_late_zeros``); ``apply_updates`` then adds it element-wise.
-                    out = (
-                        _late_zeros((self.n,), values)
-                        .at[idx[0]]
-                        .set(
-                            values, mode="drop", indices_are_sorted=True, unique_indices=self.unique
-                        )
-                    )
-                    return out.reshape(self.shape)
-                flat = idx[0].astype(jnp.int32)  # unravelled below: signed arithmetic
-                # An add into constant zeros of the leaf's own shape, with N-d indices (no
-                # reshape after it): XLA rewrites ``params + scatter_add(0, i, u)`` into an
-                # in-place ``scatter_add(params, i, u)`` when the update is applied in the
-                # same program, so no full-size update buffer is written or read.
-                # Padding slots hold the out-of-range sentinel ``n``: unravelled, their
-                # first coordinate is out of range and ``mode="drop"`` skips them.
-                if len(self.shape) < 2 or self.n == 0:  # scalars, vectors, empty leaves
-                    nd, out_shape = (flat,), (self.n,)
-                else:
-                    nd, out_shape = jnp.unravel_index(flat, self.shape), self.shape
-                out = (
-                    jnp.zeros(out_shape, dtype)
-                    .at[nd]
-                    .add(values, mode="drop", indices_are_sorted=True, unique_indices=self.unique)
-                )
-                return out.reshape(self.shape)
-
-            def row(v, i):  # a batched (per-row) scatter: partitions along rows
-                return (
-                    _late_zeros((self.cols,), v)
-                    .at[i]
-                    .set(v, mode="drop", indices_are_sorted=True, unique_indices=self.unique)
-                )
-
-            out = jax.vmap(row)(values.reshape(self.rows, self.kmax), idx).reshape(-1)
-            return (out if out.shape[0] == self.n else out[: self.n]).reshape(self.shape)
-
-        return self._auto(fn, 0, values, idx)
-
-    def carry_over(self, values: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
-        """Moments of entries selected before and after a refresh, zeros for new ones.
-
-        Both index sets are sorted, so each new index is located in the old ones by a
-        sorted search (``searchsorted``), k log k work at a refresh only.
-        """
-
-        def row(v, o, w):
-            pos = jnp.minimum(jnp.searchsorted(o, w), self.kmax - 1)
-            found = (o[pos] == w) & (w < self.cols)
-            return jnp.where(found, v[pos], jnp.zeros((), v.dtype))
-
-        def fn(values, old, new):
-            v2 = values.reshape(self.rows, self.kmax)
-            return jax.vmap(row)(v2, old, new).reshape(values.shape)
-
-        return self._auto(fn, 1, values, old, new)
+def _map_inner_state(
+    inner: optax.GradientTransformation, fn: Callable[..., Any], state: Any, *trees: Any
+) -> Any:
+    try:
+        return optax.tree_utils.tree_map_params(inner, fn, state, *trees)
+    except Exception as e:  # pragma: no cover - depends on the inner transformation
+        raise ValueError(
+            "refresh_policy='keep' needs an inner transformation whose state can be mapped "
+            "with optax.tree_utils.tree_map_params; use refresh_policy='reset'"
+        ) from e
 
 
 def sparse_update(
@@ -707,99 +717,64 @@ def sparse_update(
     density: Density = 0.1,
     mask_interval: int = 100,
     *,
-    scope: str = "leaf",
-    block_size: int | None = None,
+    scope: str = "chunk",
+    chunk_size: int | None = None,
     criterion: str = "smallest",
     labels: Labels = None,
-    refresh_policy: str = "reset",
-    state_layout: str = "compact",
+    dimension_numbers: DimensionNumbers = None,
+    layer_axis_names: Sequence[str] = layout.LAYER_AXIS_NAMES,
+    refresh_policy: str = "keep",
     max_density: float | None = None,
     moment_dtype: Any | None = None,
-    narrow_indices: bool = True,
     seed: int = 0,
-    selection_method: str = "bisection",
-    inplace_apply: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """Make an element-wise optax transformation update only the selected entries.
+    """Run ``inner`` on the selected entries of each sparse leaf only.
 
-    For every sparse leaf the selected entries' gradients (and parameters) are
-    gathered into a vector, ``inner`` runs on those vectors, and its updates are
-    scattered back into a full-size update that is exactly ``0.0`` everywhere else,
-    on every step (also right after a refresh, and for any weight decay inside
-    ``inner``). Dense leaves go through their own copy of ``inner`` unmasked; frozen
-    leaves get zero updates.
+    **Selection.** Each sparse leaf (see :mod:`nanoadam_jax.labels`) is cut into chunks
+    (:mod:`nanoadam_jax.layout`): every layer of a stacked tensor on its own, each layer's
+    matrix flattened row-major into equal chunks of at most ``chunk_size`` entries
+    (default 16384). In every chunk the ``k = clip(round_half_up(density * C), 1, C)``
+    entries with the smallest ``|w|`` are selected, exactly ``k`` with ties broken by
+    position; NaN weights are never small. This is what the paper's code does (bottom-k
+    per chunk), and it keeps everything local: a chunk never crosses a layer or a shard.
+    ``scope="leaf"`` selects per layer of a leaf (exact per-tensor ``k``: the paper's
+    text) at the cost of one chunk per layer (``int32`` positions above 65535 entries;
+    on a mesh the state is replicated over the sharded axes and each step all-reduces
+    ``k`` values). ``scope="global"`` takes one threshold over all sparse leaves and
+    stores full-size inner state (research only).
 
-    ``inner`` must be element-wise (each output entry depends only on the same entry
-    of its inputs, like ``scale_by_adam``, ``scale_by_lion``, ``add_decayed_weights``);
-    put tree-wide operations such as ``clip_by_global_norm`` *before* this
-    transformation in an ``optax.chain``.
+    **Refresh.** The selection is recomputed from the current parameters at step 0,
+    every ``mask_interval`` steps and whenever the density (a float or a schedule
+    ``step -> density``) differs from the current selection's. The decision is a
+    ``jax.lax.cond``: ordinary steps do no selection work, also under ``jax.vmap`` (a
+    per-run density change refreshes that run only; see :func:`nanoadam_jax.refresh.cond`).
 
-    **Moments at a refresh** (``refresh_policy``; the paper does not say):
+    **What a refresh does to the inner state** (``refresh_policy``): ``"keep"`` (default)
+    keeps the state of entries that stay selected; entries entering the selection start
+    from a fresh (zero) state under the running step count, so with ``density=1.0`` this
+    *is* ``inner``, step for step. A fresh Adam entry's first step is then
+    ``(1-b1)/(1-b1^t) / sqrt((1-b2)/(1-b2^t))`` times ``lr`` (about 3.2 ``lr`` late in
+    training); E3 of ``benchmarks/evidence.py`` found no consistent accuracy difference
+    against ``"reset"``, which re-initialises the whole sparse inner state (and its count)
+    at every refresh, so every entry's first step is ``lr * sign(g)``.
 
-    * ``"reset"`` (default): the inner state of the sparse leaves is re-initialised
-      at every refresh, including Adam's step count, so every selected entry starts
-      like a fresh Adam and its first step is ``lr * sign(g)`` (no outsized step).
-    * ``"keep"``: entries that stay selected keep their moments, entries that enter
-      start from zero, and the inner step count keeps running. With Adam's global
-      bias correction an entering entry's first step at global step ``t`` is
-      ``(1 - b1) / (1 - b1**t) / sqrt((1 - b2) / (1 - b2**t))`` times the learning
-      rate: below 1 early on, 2.5x at ``t = 1000``, up to 3.2x with the default
-      betas. It converges more precisely late in training, because a refresh does
-      not restart Adam (see the README's evidence).
+    **State.** Per sparse leaf: sorted positions (``uint16`` per selected entry) and
+    ``inner``'s state over the selected values only, ``(*layer_axes, *chunk_grid,
+    capacity)``. ``capacity`` is ``k`` of the largest density the run uses: the density
+    itself, a schedule's maximum (its ``max_density`` attribute, or found by evaluating
+    it at init, see :func:`nanoadam_jax.schedules.schedule_max`), the value an
+    ``optax.inject_hyperparams`` density has at init, or ``max_density``. A density that
+    later asks for more (a traced or injected value above it) is capped at the capacity:
+    never a silently larger state. A traced density at init (``init`` under ``jax.vmap``
+    over densities) needs ``max_density``. On a mesh the state rows are sharded like the
+    parameter rows they index (the chunk length is halved until chunks align with the
+    shards; a leaf that cannot align raises an error naming it).
 
-    **State layouts** (``state_layout``):
-
-    * ``"compact"`` (default): the inner state holds ``k_max`` values per sparse leaf
-      (per block with ``scope="block"``) plus the sorted selected positions, where
-      ``k_max`` is the count at the largest density reachable: the density itself
-      when it is a Python number, the schedule's ``max_density`` attribute (set by
-      :func:`~nanoadam_jax.linear_density_decay`), or ``max_density``. When none is
-      known (a traced or injected density without ``max_density``) the buffers are
-      sized for density 1.0: correct, but without the memory saving.
-    * ``"dense"``: full-size inner state and bool masks (for research that needs
-      full-size moments; also the only layout for ``scope="global"``).
-
-    Both layouts produce the same updates (equal up to float rounding: XLA may
-    vectorise the same element-wise arithmetic differently for different lengths).
-
-    **Defaults, and the measurement behind each** (``python benchmarks/evidence.py`` on
-    the MNIST CNN / rotated MNIST and ``--task text`` on MiniLM / Rotten Tomatoes, 3 seeds,
-    each setting at its best learning rate; full tables in ``benchmarks/results/evidence*/
-    summary.md`` and the README's "Results" section):
-
-    * ``refresh_policy="reset"``: E3 found no consistent difference between ``"reset"``
-      and ``"keep"`` (vision: all within 2 standard errors at ``mask_interval`` 5, 20,
-      100; text: the sign flips with the interval); ``"reset"`` keeps every entry's first
-      step at ``lr * sign(g)`` (no bias-correction overshoot for entries that enter late,
-      see above), so it is the default.
-    * Bias correction on (``nanoadam(bias_correction=True)``): E3 measured no clear
-      difference at either task's default settings (-0.6 / +0.3 points); turning it off
-      acts like a larger early learning rate (the best rate drops 3x on vision).
-    * ``mask_interval=100``: E3 vision, the best of 5 / 20 / 100 (94.0 / 94.7 / 95.8%).
-    * ``density=0.1`` (in :func:`~nanoadam_jax.nanoadam`): E1/E4, 3.7 points above
-      ``0.01`` on vision at each one's best rate, at 0.15x AdamW's optimizer state.
-    * Rounding ``k = clip(round_half_up(d * n), 1, n)`` (:func:`num_selected`): E5's
-      rounding tables; every sparse leaf keeps at least one trainable entry.
-    * ``inplace_apply=True`` in :func:`~nanoadam_jax.nanoadam` / ``nanoadamw``: the
-      benchmarks (``python benchmarks/run.py``) measure the same compiled peak memory of a
-      whole transformer train step as ``False`` and a faster bare update (README
-      "Benchmarks"); here in ``sparse_update`` it stays ``False`` (see the argument).
-    * ``scope="leaf"`` and ``criterion="smallest"`` follow the paper (E2 measured
-      ``"largest"`` ahead on the CNN and no significant order on text; the criterion
-      is kept as the paper's method).
-
-    **Traced densities** (``jax.vmap``, ``optax.inject_hyperparams``) cannot be
-    checked at construction: the count follows :func:`~nanoadam_jax.num_selected`
-    (``<= 0`` trains one entry per leaf, ``>= 1`` all, NaN none), and with
-    ``max_density`` set a larger density is capped at ``max_density``, because the
-    compact buffers cannot hold more (both layouts cap the same way). Schedules are
-    probed eagerly at steps 0, 1, 10, ..., 10**6 at construction.
-
-    **Under** ``jax.vmap`` **with a per-run density** the refresh predicate is batched, and
-    JAX turns a ``lax.cond`` with a batched predicate into a ``select`` of both branches:
-    the selection then runs at every step (same results, slower steps; 1.5x per run-step
-    in ``benchmarks/evidence.py``'s vmapped grids). Vmap over something else (seeds,
-    learning rates) with a shared Python-float density keeps the ``cond``.
+    **Layer axes.** Leading axes named in Flax metadata by one of ``layer_axis_names``
+    (``nnx.vmap/scan(transform_metadata={nnx.PARTITION_NAME: "layers"})``,
+    ``nn.scan(metadata_params={nn.PARTITION_NAME: "layers"})``) are batch axes: each layer
+    is selected on its own. Trees without metadata declare them with
+    ``dimension_numbers``.
 
     Example:
       >>> import jax.numpy as jnp, optax, nanoadam_jax as nanoadam
@@ -811,278 +786,216 @@ def sparse_update(
 
     Args:
       inner: an element-wise ``optax.GradientTransformation``.
-      density: fraction of each sparse leaf (or block, or of all sparse leaves for
-        ``scope="global"``) to update, in ``(0, 1]``; or a schedule
+      density: fraction of each chunk to update, in ``(0, 1]``; or a schedule
         ``step -> density``. May be traced (``jax.vmap`` over densities).
       mask_interval: recompute the selection every this many steps.
-      scope: ``"leaf"``, ``"block"`` or ``"global"`` (see :func:`magnitude_mask`).
-      block_size: block length for ``scope="block"`` (None: 4096).
-      criterion: ``"smallest"``, ``"largest"`` or ``"random"``.
+      scope: ``"chunk"`` (default), ``"leaf"`` or ``"global"``, see above.
+      chunk_size: target chunk length in entries (None: 16384, see
+        :data:`nanoadam_jax.layout.DEFAULT_CHUNK_SIZE`); pass the chunk a mesh run used
+        to reproduce it on one device.
+      criterion: ``"smallest"`` (the paper), ``"largest"`` or ``"random"`` (ablations).
       labels: which leaves are sparse, dense or frozen; see :mod:`nanoadam_jax.labels`.
-      refresh_policy: ``"reset"`` or ``"keep"``, see above.
-      state_layout: ``"compact"`` or ``"dense"``, see above.
-      max_density: the largest density the run will use, to size compact buffers
-        when ``density`` is traced or injected (must be a static number).
-      moment_dtype: if set (e.g. ``jnp.bfloat16``, the paper's memory model), the
-        inner state's floating-point arrays are stored in this dtype between steps;
-        the inner transformation still computes in (at least) float32.
-      narrow_indices: store compact positions as ``uint16`` when they fit (leaves or
-        blocks of at most 65535 entries; e.g. ``scope="block"``, ``block_size=4096``),
-        else ``int32``. Leaves of ``2**31`` entries or more need ``scope="block"``.
+      dimension_numbers: per leaf, a :class:`~nanoadam_jax.SelectionDimensionNumbers`
+        naming the axes of one weight matrix (the other axes are layer axes, selected
+        independently), or None for the default; a single value for every leaf, a tree
+        with the parameters' structure, a callable ``params -> tree`` or a callable
+        ``(path, leaf) -> value``.
+      layer_axis_names: sharding-metadata axis names that mark a layer axis.
+      refresh_policy: ``"keep"`` (default) or ``"reset"``, see above.
+      max_density: the largest density the run will use, to size the state when the
+        density is traced at init (a Python float).
+      moment_dtype: if set (e.g. ``jnp.bfloat16``, the paper's memory model), the inner
+        state's floating-point arrays are stored in this dtype between steps; the inner
+        transformation still computes in (at least) float32.
       seed: seed of ``criterion="random"``.
-      selection_method: ``"bisection"`` (default), ``"sort"`` or ``"top_k"``.
-      inplace_apply: how a compact sparse leaf's update is built (``scope="leaf"``;
-        the updates are the same either way). ``False`` (the default here): scattered
-        into a separate zero buffer, which ``optax.apply_updates`` adds element-wise.
-        ``True`` (the default of :func:`~nanoadam_jax.nanoadam` and
-        :func:`~nanoadam_jax.nanoadamw`): a scatter-*add* into constant zeros, which XLA
-        rewrites, together with ``apply_updates`` in the same jitted program, into an
-        in-place scatter-add into the parameters (no full-size update buffer). This
-        only pays off when nothing is chained after this transformation (the learning
-        rate applied inside ``inner``, as ``nanoadam`` does); with a transformation
-        chained after it, both forms cost about the same. Measured on a 2-core CPU
-        (``python benchmarks/run.py``, README "Benchmarks"): a bare ``nanoadam`` update
-        on 25M parameters runs about 2x faster with ``True``, and a whole transformer
-        train step has the same compiled peak memory either way.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
-    if not isinstance(inplace_apply, bool):
-        raise ValueError(f"`inplace_apply` must be True or False, got {inplace_apply!r}")
-    selector = _Selector(
+    config = _Config(
         density,
         mask_interval,
         scope,
-        block_size,
+        chunk_size,
         criterion,
         labels,
         seed,
-        selection_method,
         max_density,
+        dimension_numbers,
+        layer_axis_names,
     )
     _checks.check_choice("refresh_policy", refresh_policy, REFRESH_POLICIES)
-    _checks.check_choice("state_layout", state_layout, LAYOUTS)
-    if state_layout == "compact" and scope == "global":
-        raise ValueError(
-            "scope='global' needs state_layout='dense' (a global threshold gives each "
-            "leaf a different, unbounded share of k)"
-        )
     if not isinstance(inner, optax.GradientTransformation):
         raise ValueError(f"`inner` must be an optax.GradientTransformation, got {inner!r}")
     inner = optax.with_extra_args_support(inner)
-    compact = state_layout == "compact"
-    if moment_dtype is not None:
-        moment_dtype = jnp.dtype(moment_dtype)
-        if not jnp.issubdtype(moment_dtype, jnp.floating):
-            raise ValueError(f"`moment_dtype` must be a floating dtype, got {moment_dtype}")
-
-    def store(inner_state):
-        """Cast the inner state's float arrays to ``moment_dtype`` for storage."""
-        if moment_dtype is None:
-            return inner_state
-        return jax.tree.map(
-            lambda x: (
-                x.astype(moment_dtype)
-                if jnp.ndim(x) and jnp.issubdtype(x.dtype, jnp.floating)
-                else x
-            ),
-            inner_state,
-        )
-
-    def load(inner_state):
-        """Upcast stored low-precision moments to float32 for the inner update."""
-        if moment_dtype is None:
-            return inner_state
-        return jax.tree.map(
-            lambda x: (
-                x.astype(jnp.promote_types(x.dtype, jnp.float32))
-                if jnp.ndim(x) and jnp.issubdtype(x.dtype, jnp.floating)
-                else x
-            ),
-            inner_state,
-        )
-
-    # Without padding slots (fixed density) the scatter indices are unique.
-    unique = isinstance(density, (int, float)) and max_density is None
-
-    def leaf_plans(params):
-        return [
-            _CompactLeaf(p, selector, unique, narrow_indices, inplace_apply)
-            for p in jax.tree.leaves(params)
-        ]
+    moments = _Moments(moment_dtype)
+    compact = scope != "global"
 
     def init_fn(params):
-        labels_tree = label_params(params, selector.labels)
         leaves, treedef = jax.tree.flatten(params)
-        plans = leaf_plans(params)
-        sparse = _split(params, labels_tree, SPARSE)
-        dense = _split(params, labels_tree, DENSE)
-        if compact:
-            paths = [
-                jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)
-            ]
-            for i, _ in sparse:
-                plans[i].check(paths[i])
-            sel = [(i, plans[i].empty_indices()) for i, _ in sparse]
-            vecs = [(i, plans[i].zeros(p.dtype)) for i, p in sparse]
-            state_def = _plain_treedef(params)
-        else:
-            sel = [(i, jnp.zeros_like(p, dtype=bool)) for i, p in sparse]
-            vecs = [(i, jnp.zeros_like(p)) for i, p in sparse]
-            state_def = treedef
+        bdef, boxes = _boxes(params)
         n = len(leaves)
+        labels_ = treedef.flatten_up_to(label_params(params, config.labels))
+        sparse, dense = _positions(labels_, SPARSE), _positions(labels_, DENSE)
+        if compact:
+            sdef, _ = _boxes(params)
+            lays = _init_layouts(config, params, sparse)
+            sel = [
+                (i, _state_array(lays[i], lays[i].chunk, lays[i].index_dtype, leaves[i]))
+                for i in sparse
+            ]
+            vecs = [(i, _state_array(lays[i], 0, leaves[i].dtype, leaves[i])) for i in sparse]
+        else:
+            sdef = treedef
+            config.init_max_density()  # validates the density
+            sel = [(i, jnp.zeros_like(leaves[i], dtype=bool)) for i in sparse]
+            vecs = [(i, jnp.zeros_like(leaves[i])) for i in sparse]
         return SparseUpdateState(
             sparse_step=jnp.zeros([], jnp.int32),
             sparse_density=jnp.zeros([], jnp.float32),
-            selected=_subtree(state_def, n, sel),
-            sparse_inner_state=store(inner.init(_subtree(state_def, n, vecs))),
-            dense_inner_state=store(inner.init(_subtree(treedef, n, dense))),
+            selected=_subtree(sdef, n, sel),
+            sparse_inner_state=moments.store(inner.init(_subtree(sdef, n, vecs))),
+            dense_inner_state=moments.store(
+                inner.init(_subtree(bdef, n, [(i, boxes[i]) for i in dense]))
+            ),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         _require_params(params, "sparse_update")
-        labels_tree = label_params(params, selector.labels)
         leaves, treedef = jax.tree.flatten(params)
-        # Compact state lives in a box-free tree (see init_fn); dense state mirrors params.
-        sdef = _plain_treedef(params) if compact else treedef
         n = len(leaves)
-        plans = leaf_plans(params)
-        sparse = _split(params, labels_tree, SPARSE)
-        sparse_pos = [i for i, _ in sparse]
+        labels_ = treedef.flatten_up_to(label_params(params, config.labels))
+        sparse, dense = _positions(labels_, SPARSE), _positions(labels_, DENSE)
+        sdef = _boxes(params)[0] if compact else treedef
         flat_updates = treedef.flatten_up_to(updates)
-        flat_sel = sdef.flatten_up_to(state.selected)
+        stored = sdef.flatten_up_to(state.selected)
+        lays = _update_layouts(config, params, sparse, stored) if compact else {}
         step = state.sparse_step
-        refresh, density = selector.refresh_decision(step, state.sparse_density)
-        # The step counter (never reset) is offered to ``inner`` as an extra argument,
-        # so a stateless learning-rate schedule inside ``inner`` survives a "reset".
+        density = config.density_fn(step)
+        due = refresh.refresh_due(step, config.mask_interval, density, state.sparse_density)
         step_arg = {STEP_ARG: step}
 
-        def vec_tree(items):
-            return _subtree(sdef, n, items)
+        def views(tree_leaves):
+            return [lays[i].view(tree_leaves[i]) if compact else tree_leaves[i] for i in sparse]
 
-        def do_refresh(operand):
-            old_sel, inner_state = operand
-            if compact and selector.lean:
-                # One leaf after the other (each leaf waits for the previous leaf's
-                # indices), each with bounded scratch: the refresh needs the scratch of
-                # one chunk, not n-sized keys, masks and cumsums of every leaf at once.
-                new, prev = [], None
-                for i, x in sparse:
-                    if prev is not None:
-                        x, _ = jax.lax.optimization_barrier((x, prev))
-                    k = selection.num_selected(plans[i].n, density)
-
-                    def lean(x, k, plan=plans[i]):
-                        idx = selection.leaf_bottom_k_indices(x, k, plan.kmax, plan.cols)
-                        return idx.astype(plan.index_dtype)[None]
-
-                    # Under explicit sharding the flattening runs in auto_axes (as gather).
-                    prev = plans[i]._auto(lean, 2, x, k)
-                    new.append(prev)
+        def do_refresh(op):
+            (xs, density, step, seed), (sel, inner_state) = op
+            key = config.key(step, seed)
+            old = sdef.flatten_up_to(sel)
+            if compact:
+                new = []
+                for j, (i, x) in enumerate(zip(sparse, xs)):
+                    leaf_key = None if key is None else jax.random.fold_in(key, j)
+                    new.append(config.positions(lays[i], x, density, leaf_key))
             else:
-                masks = selector.masks([x for _, x in sparse], density, step)
-                if compact:
-                    new = [plans[i].indices_from_mask(m) for i, m in zip(sparse_pos, masks)]
-                else:
-                    new = masks
-            new_sel = vec_tree(list(zip(sparse_pos, new)))
+                new = selection.select_global_masks(
+                    xs, density, criterion=config.criterion, key=key
+                )
+            new_sel = _subtree(sdef, n, list(zip(sparse, new)))
             if refresh_policy == "reset":
-                zeros = [
-                    (i, plans[i].zeros(x.dtype) if compact else jnp.zeros_like(x))
-                    for i, x in sparse
-                ]
-                fresh = inner.init(vec_tree(zeros))
-                # Keep the running state's dtypes (optax may have promoted them, e.g. bf16
-                # params with f32 gradients): both lax.cond branches must agree.
-                inner_state = jax.tree.map(lambda f, o: f.astype(o.dtype), fresh, inner_state)
-            else:
-                inner_state = _carry_over(old_sel, new_sel, inner_state)
-            return new_sel, inner_state
-
-        def _carry_over(old_sel, new_sel, inner_state):
-            old_flat = sdef.flatten_up_to(old_sel)
+                fresh = inner.init(
+                    _subtree(
+                        sdef,
+                        n,
+                        [(i, jnp.zeros(s.shape, s.dtype)) for i, s in zip(sparse, vec_shapes)],
+                    )
+                )
+                fresh = jax.tree.map(
+                    lambda f, o: f.astype(o.dtype), moments.store(fresh), inner_state
+                )
+                return new_sel, fresh
             new_flat = sdef.flatten_up_to(new_sel)
 
             def move(value, i):
                 if compact:
-                    return plans[i].carry_over(value, old_flat[i], new_flat[i])
-                keep = old_flat[i] & new_flat[i]
-                return jnp.where(keep, value, jnp.zeros((), value.dtype))
+                    return refresh.carry_positions(old[i], new_flat[i], value, lays[i].chunk)
+                return jnp.where(old[i] & new_flat[i], value, jnp.zeros((), value.dtype))
 
-            positions = vec_tree([(i, i) for i in sparse_pos])
-            try:
-                return optax.tree_utils.tree_map_params(inner, move, inner_state, positions)
-            except Exception as e:  # pragma: no cover - depends on the inner transformation
-                raise ValueError(
-                    "refresh_policy='keep' needs an inner transformation whose state can be "
-                    "mapped with optax.tree_utils.tree_map_params; use refresh_policy='reset'"
-                ) from e
+            index_tree = _subtree(sdef, n, [(i, i) for i in sparse])
+            return new_sel, _map_inner_state(inner, move, inner_state, index_tree)
 
-        def sparse_inner(selected, inner_state):
-            """Sparse leaves: gather -> inner (compact) or mask -> inner (dense layout)."""
-            flat_sel = sdef.flatten_up_to(selected)
-            if compact:
-                g_vecs = [(i, plans[i].gather(flat_updates[i], flat_sel[i])) for i in sparse_pos]
-                p_vecs = [(i, plans[i].gather(x, flat_sel[i])) for i, x in sparse]
-            else:
-                zero = jnp.zeros((), jnp.float32)
-                g_vecs = [
-                    (i, jnp.where(flat_sel[i], flat_updates[i], zero.astype(flat_updates[i].dtype)))
-                    for i in sparse_pos
-                ]
-                p_vecs = sparse
-            u_vecs, inner_state = inner.update(
-                vec_tree(g_vecs), inner_state, vec_tree(p_vecs), **extra_args, **step_arg
+        vec_shapes = [
+            jax.ShapeDtypeStruct(
+                lays[i].state_shape if compact else leaves[i].shape, leaves[i].dtype
             )
-            return selected, store(inner_state), u_vecs
-
-        # The inner update runs inside both branches, so that the new state is the
-        # conditional's own output: XLA then writes it into the donated state buffers
-        # instead of keeping a state-sized copy of the refreshed state in temp memory.
-        # Stored (e.g. bf16) moments enter the conditional as they are and are upcast
-        # inside it, where the cast fuses into the inner update (no float32 copy of the
-        # whole sparse state is materialised as an operand).
-        selected, sparse_inner_state, u_vecs = jax.lax.cond(
-            refresh,
-            lambda op: sparse_inner(*do_refresh((op[0], load(op[1])))),
-            lambda op: sparse_inner(op[0], load(op[1])),
-            (state.selected, state.sparse_inner_state),
-        )
-        flat_sel = sdef.flatten_up_to(selected)
-        flat_u_vecs = sdef.flatten_up_to(u_vecs)
-
-        dense = _split(params, labels_tree, DENSE)
-        dense_pos = [i for i, _ in dense]
-        u_dense, dense_inner_state = inner.update(
-            _subtree(treedef, n, [(i, flat_updates[i]) for i in dense_pos]),
-            load(state.dense_inner_state),
-            _subtree(treedef, n, dense),
-            **extra_args,
-            **step_arg,
-        )
-        flat_u_dense = treedef.flatten_up_to(u_dense)
-
-        out = []
-        flat_labels = treedef.flatten_up_to(labels_tree)
-        for i, (u, lab) in enumerate(zip(flat_updates, flat_labels)):
-            if lab == SPARSE:
-                if compact:
-                    out.append(plans[i].scatter(flat_u_vecs[i], flat_sel[i], u.dtype))
-                else:
-                    out.append(jnp.where(flat_sel[i], flat_u_vecs[i], 0).astype(u.dtype))
-            elif lab == DENSE:
-                out.append(flat_u_dense[i].astype(u.dtype))
+            for i in sparse
+        ]
+        selected, sparse_state = state.selected, state.sparse_inner_state
+        if sparse:
+            selected, sparse_state = refresh.cond(
+                due,
+                do_refresh,
+                lambda op: op[1],
+                (
+                    (views(leaves), density, step, config.seed),
+                    (state.selected, state.sparse_inner_state),
+                ),
+            )
+        out: list[Any] = [None] * n
+        if sparse:
+            sel_flat = sdef.flatten_up_to(selected)
+            padded = config.padded()
+            if compact:
+                g = [
+                    (i, _rows_gather(lays[i].view(flat_updates[i]), sel_flat[i], padded))
+                    for i in sparse
+                ]
+                p = [
+                    (i, _rows_gather(lays[i].view(leaves[i]), sel_flat[i], padded)) for i in sparse
+                ]
             else:
-                assert lab == FROZEN
-                out.append(_zero_update(u))
-
+                g = [
+                    (
+                        i,
+                        jnp.where(
+                            sel_flat[i], flat_updates[i], jnp.zeros((), flat_updates[i].dtype)
+                        ),
+                    )
+                    for i in sparse
+                ]
+                p = [(i, leaves[i]) for i in sparse]
+            u_vecs, sparse_state = inner.update(
+                _subtree(sdef, n, g),
+                moments.load(sparse_state),
+                _subtree(sdef, n, p),
+                **extra_args,
+                **step_arg,
+            )
+            sparse_state = moments.store(sparse_state)
+            u_flat = sdef.flatten_up_to(u_vecs)
+            for i in sparse:
+                u = flat_updates[i]
+                if compact:
+                    zeros = jnp.zeros((*lays[i].grid, lays[i].chunk), u.dtype)
+                    out[i] = lays[i].unview(_rows_scatter_add(zeros, sel_flat[i], u_flat[i]))
+                else:
+                    out[i] = jnp.where(sel_flat[i], u_flat[i], 0).astype(u.dtype)
+        dense_state = state.dense_inner_state
+        if dense:
+            # Dense leaves keep their metadata boxes (e.g. nnx sharding annotations), so
+            # their full-size state is laid out like the parameters.
+            bdef, boxes = _boxes(params)
+            box_updates = bdef.flatten_up_to(updates)
+            u_dense, dense_state = inner.update(
+                _subtree(bdef, n, [(i, box_updates[i]) for i in dense]),
+                moments.load(dense_state),
+                _subtree(bdef, n, [(i, boxes[i]) for i in dense]),
+                **extra_args,
+                **step_arg,
+            )
+            dense_state = moments.store(dense_state)
+            u_dense_flat = bdef.flatten_up_to(u_dense)
+            for i in dense:
+                out[i] = jax.tree.leaves(u_dense_flat[i])[0].astype(flat_updates[i].dtype)
+        for i, lab in enumerate(labels_):
+            if lab == FROZEN:
+                out[i] = _zero_update(flat_updates[i])
         new_state = SparseUpdateState(
             sparse_step=optax.safe_int32_increment(step),
             sparse_density=density,
             selected=selected,
-            sparse_inner_state=sparse_inner_state,
-            dense_inner_state=store(dense_inner_state),
+            sparse_inner_state=sparse_state,
+            dense_inner_state=dense_state,
         )
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 

@@ -1,0 +1,367 @@
+"""The compact state layout: how a sparse leaf is cut into chunks and rows of state.
+
+NanoAdam selects the ``k`` smallest weights **per chunk** of each weight matrix, as the
+paper's code does (Zhou et al. 2025, Sec. 6 / App. G: "flatten the matrix and divide it
+into subgroups (chunks), then apply bottom-k selection within each subgroup"; the chunk
+size follows MicroAdam, Modoranu et al. 2024). This module decides, from a leaf's shape
+alone, how it is cut:
+
+* **Layer axes.** Leading axes of a stacked (scanned) tensor are *batch* axes: each
+  layer is selected on its own. They are found from Flax metadata (an axis named
+  ``"layers"`` by ``nnx.vmap``/``nnx.scan(transform_metadata=...)`` or ``nn.scan
+  (metadata_params=...)``; the recognised names are configurable), or declared per leaf
+  with :class:`SelectionDimensionNumbers` (optax's ``MuonDimensionNumbers`` convention:
+  the axes *not* named are batch axes).
+* **Chunks.** A layer's matrix, flattened row-major, is cut into equal chunks of ``C``
+  consecutive entries, ``C <= chunk_size``: the trailing axes that fit whole, times the
+  largest divisor of the next axis that still fits (:func:`chunk_length`). A chunk never
+  crosses a layer, and each chunk's positions fit in ``uint16``.
+* **State rows.** A leaf's compact state is one row of ``capacity`` slots per chunk,
+  shaped ``(*layer_axes, *chunk_grid, capacity)``; the chunk grid keeps the leaf's leading
+  axes, so a parameter sharded along those axes has its state sharded the same way (see
+  :func:`leaf_layout`: the chunk length is halved until every chunk lies on one shard).
+
+``DEFAULT_CHUNK_SIZE`` (16384) was chosen by ``python benchmarks/run.py --sections
+chunk`` (CPU): larger chunks made the refresh slower without changing the step time;
+it also sits in the range of the paper's (about 20-29k entries on A100/H100).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoadam_jax import selection
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "LAYER_AXIS_NAMES",
+    "LeafLayout",
+    "SelectionDimensionNumbers",
+    "chunk_length",
+    "leaf_layout",
+]
+
+#: Default target chunk length (entries); see the module docstring for the measurement.
+DEFAULT_CHUNK_SIZE = 16384
+#: Axis names that mark a stacked-layer axis in Flax sharding metadata.
+LAYER_AXIS_NAMES = ("layers",)
+#: A chunk shorter than ``target // _MIN_FRACTION`` (an awkward axis length) is not used;
+#: the whole axis (and the axes after it) becomes the chunk instead.
+_MIN_FRACTION = 16
+_UINT16_MAX = 0xFFFF
+
+
+class SelectionDimensionNumbers(NamedTuple):
+    """Which axes of a leaf form one weight matrix (selected on its own).
+
+    The axes *not* listed are batch axes (stacked layers, experts...): every index of
+    them is selected independently, with its own ``k``. This follows optax's
+    ``optax.contrib.MuonDimensionNumbers`` convention (unnamed axes are batch axes).
+
+    Example:
+      >>> import nanoadam_jax as nanoadam
+      >>> # a (layers, d_in, d_out) kernel: one selection per layer
+      >>> nanoadam.SelectionDimensionNumbers(axes=(1, 2))
+      SelectionDimensionNumbers(axes=(1, 2))
+
+    Attributes:
+      axes: the selection axes (negative values count from the end).
+    """
+
+    axes: Sequence[int] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+    """How one sparse leaf is selected and stored (static; computed from its shape).
+
+    Attributes:
+      shape: the leaf's shape.
+      batch_axes: the layer (batch) axes, each selected independently.
+      chunk: entries per chunk ``C``.
+      grid: the state's leading shape: batch axis sizes, then the chunk grid.
+      capacity: state slots per chunk (``k`` of the largest density the run uses).
+      index_dtype: dtype of the stored positions (``uint16`` when ``C < 65536``).
+      spec: the state rows' ``PartitionSpec`` entries (one per ``grid`` axis) when the
+        leaf's sharding is known, else None.
+    """
+
+    shape: tuple[int, ...]
+    batch_axes: tuple[int, ...]
+    chunk: int
+    grid: tuple[int, ...]
+    capacity: int
+    index_dtype: Any
+    spec: tuple[Any, ...] | None = None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def chunks(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (*self.grid, self.capacity)
+
+    @property
+    def permutation(self) -> tuple[int, ...] | None:
+        """Axis order that puts the batch axes first (None when they already are)."""
+        rest = [a for a in range(len(self.shape)) if a not in self.batch_axes]
+        perm = (*self.batch_axes, *rest)
+        return None if perm == tuple(range(len(self.shape))) else perm
+
+    def view(self, x: jax.Array) -> jax.Array:
+        """``x`` as ``(*grid, chunk)``: one row per chunk."""
+        if self.permutation is not None:
+            x = jnp.transpose(x, self.permutation)
+        return x.reshape((*self.grid, self.chunk))
+
+    def unview(self, v: jax.Array) -> jax.Array:
+        """Inverse of :meth:`view`."""
+        if self.permutation is None:
+            return v.reshape(self.shape)
+        perm = self.permutation
+        moved = v.reshape(tuple(self.shape[a] for a in perm))
+        return jnp.transpose(moved, np.argsort(perm))
+
+
+def _divisors_up_to(s: int, limit: int) -> int:
+    """The largest divisor of ``s`` that is ``<= limit`` (at least 1)."""
+    best = 1
+    for d in range(1, math.isqrt(s) + 1):
+        if s % d == 0:
+            for c in (d, s // d):
+                if best < c <= limit:
+                    best = c
+    return best
+
+
+def _split_point(shape: Sequence[int], target: int) -> tuple[int, int]:
+    """``(j, C)``: chunks of ``C`` entries are a divisor ``C / P`` of axis ``j`` times the
+    product ``P`` of the axes after ``j`` (``j = -1``: the whole shape is one chunk)."""
+    n = math.prod(shape)
+    if n <= target:
+        return -1, n
+    p = 1
+    for j in range(len(shape) - 1, -1, -1):
+        s = shape[j]
+        if p * s <= target:
+            p *= s
+            continue
+        c = _divisors_up_to(s, target // p) * p
+        if c < max(1, target // _MIN_FRACTION):
+            c = s * p  # an awkward length: take the whole axis
+        return j, c
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def chunk_length(shape: Sequence[int], target: int = DEFAULT_CHUNK_SIZE) -> int:
+    """Entries per chunk for a weight matrix of ``shape`` (one layer) and a target length.
+
+    The whole matrix if it has at most ``target`` entries; otherwise the trailing axes
+    that fit whole times the largest divisor of the next axis that keeps the chunk
+    ``<= target``. If that is below ``target / 16`` (an axis length with no useful
+    divisor, e.g. a prime), the whole axis and the axes after it form the chunk. So every
+    chunk of a matrix has the same length and consists of whole trailing sub-rows.
+
+    Example:
+      >>> import nanoadam_jax as nanoadam
+      >>> nanoadam.layout.chunk_length((4096, 1024)), nanoadam.layout.chunk_length((300, 20))
+      (16384, 6000)
+
+    Args:
+      shape: the shape of one weight matrix (no layer axes).
+      target: the largest chunk length wanted (positive int).
+
+    Returns:
+      The chunk length ``C``; it divides ``prod(shape)``.
+    """
+    return _split_point(tuple(int(s) for s in shape), int(target))[1]
+
+
+def _grid(shape: tuple[int, ...], j: int, c: int) -> tuple[int, ...]:
+    """Chunk-grid shape: the axes before ``j``, then axis ``j`` divided by its chunk part."""
+    if j < 0:
+        return ()
+    rest = math.prod(shape[j + 1 :])
+    return (*shape[:j], shape[j] * rest // c)
+
+
+def _mesh_axis_size(mesh: Any, entry: Any) -> int:
+    if entry is None:
+        return 1
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def _aligned_spec(
+    matrix_shape: tuple[int, ...], j: int, c: int, spec: tuple[Any, ...], mesh: Any
+) -> tuple[Any, ...] | None:
+    """The chunk grid's spec entries when every chunk lies on one shard, else None."""
+    if j < 0:
+        # One chunk per matrix: aligned only if the matrix itself is not split.
+        return () if all(e is None for e in spec) else None
+    if any(e is not None for e in spec[j + 1 :]):
+        return None
+    grid = _grid(matrix_shape, j, c)
+    if grid[-1] % _mesh_axis_size(mesh, spec[j]):
+        return None
+    return tuple(spec[: j + 1])
+
+
+def leaf_layout(
+    shape: Sequence[int],
+    *,
+    batch_axes: Sequence[int] = (),
+    scope: str = "chunk",
+    chunk_size: int | None = None,
+    max_density: float = 1.0,
+    sharding: Any = None,
+    path: str = "",
+) -> LeafLayout:
+    """The layout of one sparse leaf (see the module docstring).
+
+    With a known ``NamedSharding`` (a concrete array's, a ``ShapeDtypeStruct``'s), the
+    chunk length is halved until each chunk lies inside one shard, so the state rows can
+    be sharded exactly like the parameter rows they index; the state then carries that
+    ``spec``. (The selected set therefore follows the chunking; pass the same
+    ``chunk_size`` on one device to reproduce a mesh run exactly: :func:`plan`-style
+    tables show the chunk used.) A sharding that no chunking fits raises an error naming
+    the leaf. ``scope="leaf"`` (one chunk per layer) never adapts: its state is
+    replicated over the sharded axes (documented cost).
+
+    Example:
+      >>> import nanoadam_jax as nanoadam
+      >>> lay = nanoadam.layout.leaf_layout((4, 64, 512), batch_axes=(0,), max_density=0.1)
+      >>> lay.grid, lay.chunk, lay.capacity
+      ((4, 4), 8192, 819)
+
+    Args:
+      shape: the leaf's shape.
+      batch_axes: the layer axes (each index selected on its own).
+      scope: ``"chunk"`` or ``"leaf"``.
+      chunk_size: target chunk length (None: :data:`DEFAULT_CHUNK_SIZE`).
+      max_density: the largest density to hold (sizes ``capacity``).
+      sharding: the leaf's sharding, if known.
+      path: the leaf's path, for error messages.
+
+    Returns:
+      A :class:`LeafLayout`.
+    """
+    shape = tuple(int(s) for s in shape)
+    batch_axes = tuple(sorted(a % len(shape) for a in batch_axes)) if shape else ()
+    matrix_axes = [a for a in range(len(shape)) if a not in batch_axes]
+    matrix = tuple(shape[a] for a in matrix_axes)
+    batch = tuple(shape[a] for a in batch_axes)
+    target = DEFAULT_CHUNK_SIZE if chunk_size is None else int(chunk_size)
+    if scope == "leaf":
+        target = max(1, math.prod(matrix))
+    spec = None
+    mesh = getattr(sharding, "mesh", None)
+    raw_spec = getattr(sharding, "spec", None)
+    if raw_spec is not None and mesh is not None and getattr(mesh, "shape", None):
+        full = tuple(raw_spec) + (None,) * (len(shape) - len(raw_spec))
+        mspec = tuple(full[a] for a in matrix_axes)
+        bspec = tuple(full[a] for a in batch_axes)
+        while True:
+            j, c = _split_point(matrix, target)
+            grid_spec = _aligned_spec(matrix, j, c, mspec, mesh)
+            if grid_spec is not None or scope == "leaf":
+                break
+            if target == 1:
+                raise ValueError(
+                    f"leaf {path or '<root>'} of shape {shape} is sharded as "
+                    f"{tuple(raw_spec)}: no chunking keeps each chunk on one shard. Shard "
+                    "it along axes whose per-shard length divides evenly, mark its layer "
+                    "axes (SelectionDimensionNumbers), or label it 'dense'."
+                )
+            target //= 2
+        if grid_spec is not None:
+            spec = (*bspec, *grid_spec)
+    j, c = _split_point(matrix, target)
+    grid = (*batch, *_grid(matrix, j, c))
+    capacity = selection.num_selected_static(c, max_density) if math.prod(shape) else 0
+    index_dtype = jnp.uint16 if c <= _UINT16_MAX else jnp.int32
+    return LeafLayout(
+        shape=shape,
+        batch_axes=batch_axes,
+        chunk=c,
+        grid=grid,
+        capacity=capacity,
+        index_dtype=index_dtype,
+        spec=spec,
+    )
+
+
+def layout_from_state(
+    shape: Sequence[int], batch_axes: Sequence[int], state_shape: Sequence[int], dtype: Any
+) -> LeafLayout:
+    """Recover a leaf's layout from its stored positions' shape (inside ``update``).
+
+    ``update`` may see parameters without their metadata or sharding (``nnx.Optimizer``
+    passes plain arrays), so the chunking chosen at ``init`` is read back from the state.
+    """
+    shape = tuple(int(s) for s in shape)
+    grid = tuple(int(s) for s in state_shape[:-1])
+    n = math.prod(shape)
+    rows = math.prod(grid)
+    if rows == 0 or n % rows:
+        raise ValueError(
+            f"the optimizer state (positions of shape {tuple(state_shape)}) does not fit a "
+            f"parameter of shape {shape}: was the state made by `init` for these parameters?"
+        )
+    return LeafLayout(
+        shape=shape,
+        batch_axes=tuple(sorted(a % len(shape) for a in batch_axes)) if shape else (),
+        chunk=n // rows,
+        grid=grid,
+        capacity=int(state_shape[-1]),
+        index_dtype=jnp.dtype(dtype),
+    )
+
+
+def layer_axes_from_metadata(leaf: Any, names: Sequence[str]) -> tuple[int, ...]:
+    """Axes of a Flax-boxed leaf whose sharding name is a layer-axis name.
+
+    Reads ``nnx.Variable`` metadata (``out_sharding``; older Flax: ``sharding_names`` /
+    ``sharding``), into which ``nnx.vmap/scan(..., transform_metadata={nnx.PARTITION_NAME:
+    "layers"})`` inserts the layer axis for variables that carry a sharding annotation
+    (``nnx.with_partitioning``; an unannotated variable gets none: declare its layer axes
+    with ``dimension_numbers``), and
+    ``nn.Partitioned.names`` (``nn.scan(metadata_params={nn.PARTITION_NAME: "layers"})``).
+    """
+    spec = None
+    if hasattr(leaf, "get_metadata"):
+        meta = leaf.get_metadata()
+        for key in ("out_sharding", "sharding_names", "sharding"):
+            if meta.get(key) is not None:
+                spec = meta[key]
+                break
+    elif hasattr(leaf, "names") and hasattr(leaf, "unbox"):
+        spec = leaf.names
+    if spec is None or isinstance(spec, jax.sharding.Sharding):
+        spec = getattr(spec, "spec", None)
+    if spec is None:
+        return ()
+    wanted = set(names)
+    return tuple(
+        i
+        for i, entry in enumerate(tuple(spec))
+        if entry is not None
+        and (entry in wanted if isinstance(entry, str) else any(e in wanted for e in entry))
+    )
+
+
+DimensionNumbers = (
+    None | SelectionDimensionNumbers | Any | Callable[[Any], Any]
+)  # a tree or params -> tree

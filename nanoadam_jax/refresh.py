@@ -1,0 +1,134 @@
+"""When the selection is refreshed, and what a refresh does to the inner state.
+
+* :func:`refresh_due` is the rule: at step 0, every ``mask_interval`` steps, and whenever
+  the density differs from the density of the current selection.
+* :func:`cond` runs a refresh under ``jax.lax.cond``, and stays a real conditional under
+  ``jax.vmap``: JAX turns a ``cond`` whose predicate is batched into a ``select`` that
+  computes both branches every step. Here the batching rule instead asks whether *any*
+  run of the batch is due, refreshes only then (each due run takes its own new
+  selection, the others keep theirs), and otherwise runs only the cheap branch. So a
+  vmapped grid over densities, seeds or thresholds does no selection work on ordinary
+  steps. (Built on ``jax.custom_batching.custom_vmap``.)
+* :func:`carry_positions` moves a compact inner state from the old selection to the new
+  one (``refresh_policy="keep"``): entries that stay selected keep their values; entries
+  that enter start from zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["REFRESH_POLICIES", "carry_positions", "cond", "refresh_due"]
+
+#: Accepted values of ``refresh_policy``: what a refresh does to the sparse inner state.
+REFRESH_POLICIES = ("keep", "reset")
+
+
+def refresh_due(
+    step: jax.Array, mask_interval: Any, density: jax.Array, current: jax.Array
+) -> jax.Array:
+    """True when the selection must be recomputed before this step's update.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> due = nanoadam.refresh.refresh_due
+      >>> [bool(due(jnp.int32(t), 10, jnp.float32(0.1), jnp.float32(0.1))) for t in (9, 10)]
+      [False, True]
+
+    Args:
+      step: number of updates done before this one.
+      mask_interval: refresh period in steps.
+      density: the density wanted now.
+      current: the density of the current selection (0 before the first one).
+
+    Returns:
+      A bool scalar.
+    """
+    return (step % mask_interval == 0) | (density != current)
+
+
+def _expand(pred: jax.Array, x: jax.Array) -> jax.Array:
+    return pred.reshape(pred.shape + (1,) * (x.ndim - pred.ndim))
+
+
+def cond(
+    pred: jax.Array,
+    true_fn: Callable[[Any], Any],
+    false_fn: Callable[[Any], Any],
+    operand: Any,
+) -> Any:
+    """``jax.lax.cond(pred, true_fn, false_fn, operand)`` that stays a conditional under vmap.
+
+    Under ``jax.vmap`` with a batched ``pred`` the result equals the per-run ``cond``
+    (each run gets its own branch's output), but the expensive ``true_fn`` runs only at
+    steps where at least one run needs it. Both functions must take and return arrays
+    only through ``operand`` and their outputs (no closed-over traced values).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> f = lambda p, x: nanoadam.refresh.cond(p, lambda x: x + 1, lambda x: x, x)
+      >>> jax.vmap(f)(jnp.array([True, False]), jnp.zeros(2)).tolist()
+      [1.0, 0.0]
+    """
+
+    @jax.custom_batching.custom_vmap
+    def run(pred, operand):
+        return jax.lax.cond(pred, true_fn, false_fn, operand)
+
+    @run.def_vmap
+    def rule(axis_size, in_batched, pred, operand):
+        pred_batched, operand_batched = in_batched
+        axes = jax.tree.map(lambda b: 0 if b else None, operand_batched)
+
+        def batched(fn):
+            return lambda op: jax.vmap(fn, in_axes=(axes,), axis_size=axis_size)(op)
+
+        on_true, on_false = batched(true_fn), batched(false_fn)
+        if not pred_batched:
+            out = cond(pred, on_true, on_false, operand)
+        else:
+
+            def some_due(op_and_pred):
+                op, p = op_and_pred
+                t, f = on_true(op), on_false(op)
+                return jax.tree.map(lambda a, b: jnp.where(_expand(p, a), a, b), t, f)
+
+            out = cond(
+                jnp.any(pred),
+                some_due,
+                lambda op_and_pred: on_false(op_and_pred[0]),
+                (operand, pred),
+            )
+        return out, jax.tree.map(lambda _: True, out)
+
+    return run(pred, operand)
+
+
+def carry_positions(old: jax.Array, new: jax.Array, values: jax.Array, chunk: int) -> jax.Array:
+    """Values of a compact buffer, moved from positions ``old`` to positions ``new``.
+
+    Rows are chunks; positions in each row are sorted, padding slots hold ``chunk``. An
+    entry in both selections keeps its value; an entry only in ``new`` (or a padding
+    slot) gets zero.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> old, new = jnp.array([[0, 2, 5]]), jnp.array([[2, 3, 5]])
+      >>> nanoadam.refresh.carry_positions(old, new, jnp.array([[1.0, 2.0, 3.0]]), 8).tolist()
+      [[2.0, 0.0, 3.0]]
+    """
+    if values.shape[-1] == 0:
+        return values
+    shape = new.shape
+    old2 = old.reshape(-1, old.shape[-1]).astype(jnp.int32)
+    new2 = new.reshape(-1, new.shape[-1]).astype(jnp.int32)
+    vals2 = values.reshape(old2.shape)
+    at = jax.vmap(lambda o, n: jnp.searchsorted(o, n, method="scan_unrolled"))(old2, new2)
+    at = jnp.minimum(at, old2.shape[-1] - 1)
+    found = (jnp.take_along_axis(old2, at, axis=-1) == new2) & (new2 < chunk)
+    moved = jnp.where(found, jnp.take_along_axis(vals2, at, axis=-1), jnp.zeros((), values.dtype))
+    return moved.reshape(shape)
