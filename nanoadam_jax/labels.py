@@ -6,15 +6,15 @@ densely (not frozen). :func:`default_labels` does that by name on common models
 (Flax NNX and Linen, and the names of Hugging Face, Meta Llama, Gemma, timm and
 torchvision checkpoints); pass your own ``labels`` to any transformation to change it.
 
-**The naming rule.** Each component of a leaf's key path (a dict key, attribute
-name or index; a flat key like ``"model.norm.weight"`` of a PyTorch state dict,
-``"LayerNorm_0/scale"`` or ``("LayerNorm_0", "scale")`` of ``flax.traverse_util.flatten_dict``
-counts as several components) is split into lower-case *words*
-on ``_``, ``.``, ``-``, camelCase and digit boundaries, and a trailing number is
-dropped (Linen's auto-suffix ``_0``, ``ln_1``, ``bn1``): ``LayerNorm_0`` is
-``layer norm``, ``post_attention_layernorm`` is ``post attention layernorm``,
-``ln_f`` is ``ln f``, ``MultiHeadDotProductAttention_0`` is
-``multi head dot product attention``. A leaf is dense when some component
+**The naming rule.** A leaf's key path is read as a list of names: dict keys,
+attribute names and indices, with flat keys split (``"model.norm.weight"`` of a
+PyTorch state dict, ``"LayerNorm_0/scale"`` or ``("LayerNorm_0", "scale")`` of
+``flax.traverse_util.flatten_dict``). Each name is split into lower-case *words*
+(:func:`name_words`: on ``_``, ``-``, camelCase and digit boundaries, a trailing
+number dropped, as in Linen's auto-suffix ``_0``, ``ln_1`` or ``bn1``):
+``LayerNorm_0`` is ``layer norm``, ``post_attention_layernorm`` is ``post attention
+layernorm``, ``ln_f`` is ``ln f``, ``MultiHeadDotProductAttention_0`` is ``multi
+head dot product attention``. A leaf is dense when some name on its path
 
 * is a **normalisation layer**: its first or last word is in :data:`NORM_WORDS`
   or ends in ``norm`` (``LayerNorm_0``, ``final_norm``, ``attention_norm``,
@@ -22,7 +22,7 @@ dropped (Linen's auto-suffix ``_0``, ``ln_1``, ``bn1``): ``LayerNorm_0`` is
 * or is an **output head**: its last word is in :data:`HEAD_WORDS` (``head``,
   ``lm_head``, ``classifier``, ``logits``) and its first word is not ``pre``
   (``pre_logits`` is a hidden layer);
-* or is the first component (after a leading ``params``) and one of
+* or is the first name (after a leading ``params``) and one of
   :data:`ROOT_HEADS` (Meta Llama's ``output``, Hugging Face's ``score``): deeper
   down, ``output`` is a hidden layer (BERT's ``layer.3.output.dense``).
 
@@ -32,7 +32,8 @@ what they are cannot be recognised: a Linen model whose last layer is the
 auto-named ``Dense_3``, torchvision ResNet's ``fc`` (``fc`` is also a hidden
 layer's name in many models) or a norm known only by its index
 (``downsample.1``) stay sparse. :func:`find_heads` tells which heads were found,
-so that a tree with none can be reported instead of guessed.
+so that a tree with none can be reported instead of guessed. Tied embeddings
+(GPT-2's ``wte``, Gemma's ``embedder``) stay sparse: see :func:`default_labels`.
 
 ``labels`` may be:
 
@@ -49,6 +50,7 @@ number is not defined by the paper).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -131,10 +133,15 @@ def name_words(name: str) -> list[str]:
     Returns:
       The words, possibly empty (for an index such as ``"0"``).
     """
-    words = [w.lower() for w in _WORD.findall(str(name))]
+    return list(_words(str(name)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _words(name: str) -> tuple[str, ...]:
+    words = [w.lower() for w in _WORD.findall(name)]
     while words and words[-1].isdigit():
         words.pop()
-    return words
+    return tuple(words)
 
 
 def default_labels(path: tuple[Any, ...], leaf: Any) -> str:
@@ -275,7 +282,7 @@ def _is_norm_word(word: str) -> bool:
 def _norm_index(components: list[str]) -> int | None:
     """Index of the first component naming a normalisation layer, or ``None``."""
     for i, name in enumerate(components):
-        words = name_words(name)
+        words = _words(name)
         if words and (_is_norm_word(words[0]) or _is_norm_word(words[-1])):
             return i
     return None
@@ -287,7 +294,7 @@ def _head_index(components: list[str]) -> int | None:
     for i, name in enumerate(components):
         if i == root and name.lower() in ROOT_HEADS:
             return i
-        words = name_words(name)
+        words = _words(name)
         if words and words[-1] in HEAD_WORDS and words[0] not in _NOT_HEAD_FIRST_WORDS:
             return i
     return None
