@@ -39,29 +39,22 @@ Outputs (in ``--out``): ``ablation_vmap.json``, ``ablation_vmap.md`` and ``ablat
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-EXAMPLES_DIR = Path(__file__).resolve().parent
-if str(EXAMPLES_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES_DIR))
-if str(EXAMPLES_DIR.parent) not in sys.path:  # a source checkout that is not pip-installed
-    sys.path.insert(1, str(EXAMPLES_DIR.parent))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from common import assets, cli
+from common.mnist_cnn import load_mnist_cnn, normalize_images
+from common.progress import progress
+from common.results import environment, write_results
+from continual_vision import ASSET_NAMES, batch_schedule, load_tasks
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from common import assets, cli  # noqa: E402
-from common.mnist_cnn import load_mnist_cnn, normalize_images  # noqa: E402
-from common.results import environment, write_results  # noqa: E402
-from continual_vision import ASSET_NAMES, batch_schedule, load_tasks  # noqa: E402
-from flax import nnx  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import nanoadam_jax as nanoadam  # noqa: E402
+import nanoadam_jax as nanoadam
 
 __all__ = [
     "CRITERIA",
@@ -113,20 +106,17 @@ SMOKE_DEFAULTS = dict(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; unset size flags take the full-run or ``--smoke`` defaults."""
-    p = argparse.ArgumentParser(
-        prog="ablation_vmap.py",
-        description=(
-            "NanoAdam density x selection-criterion ablation on rotated MNIST: for each criterion "
-            "one jit-compiled program that vmaps a lax.scan training loop over all densities."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = cli.parser(
+        "ablation_vmap.py",
+        "NanoAdam density x selection-criterion ablation on rotated MNIST: for each criterion "
+        "one jit-compiled program that vmaps a lax.scan training loop over all densities.",
     )
 
     sized = cli.sized_adder(p, FULL_DEFAULTS, SMOKE_DEFAULTS)
 
     sized("--steps", "steps", int, "training steps (the length of the lax.scan)")
     sized("--batch-size", "batch_size", int, "training batch size")
-    sized("--train-examples", "train_examples", int, "rotated training images (None: all 4,000)")
+    sized("--train-examples", "train_examples", int, "rotated training images (of 4,000)")
     sized("--test-examples", "test_examples", int, "held-out images (of the 1,000 test images)")
     sized("--mask-interval", "mask_interval", int, "re-select the weights every N steps")
     sized("--densities", "densities", str, "comma-separated densities, vmapped in one program")
@@ -141,10 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compile with XLA's backend optimisation off (about 2x faster to compile, slower "
         "to run; default: on with --smoke, off otherwise)",
     )
-    p.add_argument("--smoke", action="store_true", help="tiny, fast run (for tests and CI)")
-    p.add_argument("--out", type=Path, default=EXAMPLES_DIR / "results", help="results folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the batch order and of 'random'")
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bars")
+    cli.add_run_flags(p, seed_help="seed of the batch order and of 'random'")
     args = p.parse_args(argv)
     cli.fill_sized_defaults(args, FULL_DEFAULTS, SMOKE_DEFAULTS)
     if args.fast_compile is None:
@@ -386,9 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     runs: dict[str, Any] = {}
     for criterion in args.criteria:
-        bar = tqdm(
-            total=args.steps, desc=f"{criterion:>8}", disable=args.no_progress, dynamic_ncols=True
-        )
+        bar = progress(total=args.steps, desc=f"{criterion:>8}", enabled=not args.no_progress)
 
         def on_step(i, bar=bar):
             bar.update(int(i) + 1 - bar.n)

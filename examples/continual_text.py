@@ -33,23 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXAMPLES_DIR = Path(__file__).resolve().parent
-if str(EXAMPLES_DIR) not in sys.path:  # for ``common``
-    sys.path.insert(0, str(EXAMPLES_DIR))
-if str(EXAMPLES_DIR.parent) not in sys.path:  # nanoadam_jax from a checkout that is not installed
-    sys.path.append(str(EXAMPLES_DIR.parent))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from common import assets, cli
+from common.minilm import MiniLMClassifier, MiniLMEncoder, MiniLMTokenizer
+from common.progress import progress
+from common.results import environment, write_results
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from common import assets, cli  # noqa: E402
-from common.minilm import MiniLMClassifier, MiniLMEncoder, MiniLMTokenizer  # noqa: E402
-from common.results import environment, write_results  # noqa: E402
-from flax import nnx  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import nanoadam_jax as nanoadam  # noqa: E402
+import nanoadam_jax as nanoadam
 
 __all__ = ["fit_linear_head", "main", "parse_args", "parse_runs"]
 
@@ -122,14 +116,13 @@ def parse_runs(spec: str, lr_nanoadam: float, lr_adamw: float) -> list[dict[str,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; unset size flags take the default-run or ``--smoke`` values."""
-    p = argparse.ArgumentParser(
+    p = cli.parser(
         prog="continual_text.py",
         description=(
             "Continual learning on MiniLM-L6: fit a linear BBC News topic head on the frozen "
             "pretrained encoder, fully fine-tune the encoder on Rotten Tomatoes sentiment with "
             "NanoAdam and with AdamW, and measure how much BBC accuracy each loses (forgetting)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
     sized = cli.sized_adder(p, FULL_DEFAULTS, SMOKE_DEFAULTS)
@@ -141,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sized("--num-layers", "num_layers", int, "pretrained encoder layers to keep (1-6)")
     sized("--bbc-train-examples", "bbc_train_examples", int, "BBC articles to fit the head on")
     sized("--bbc-eval-examples", "bbc_eval_examples", int, "held-out BBC articles")
-    sized("--rt-train-examples", "rt_train_examples", int, "training reviews (None: all)")
+    sized("--rt-train-examples", "rt_train_examples", int, "training reviews")
     sized("--rt-eval-examples", "rt_eval_examples", int, "held-out reviews")
     sized("--eval-every", "eval_every", int, "evaluate both tasks every N steps")
     sized("--mask-interval", "mask_interval", int, "NanoAdam: re-select weights every N steps")
@@ -150,10 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-nanoadam", type=float, default=2e-4, help="NanoAdam learning rate")
     p.add_argument("--lr-adamw", type=float, default=5e-5, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--smoke", action="store_true", help="tiny, fast run (for tests and CI)")
-    p.add_argument("--out", type=Path, default=EXAMPLES_DIR / "results", help="results folder")
-    p.add_argument("--seed", type=int, default=0, help="seed for subsets, batches and heads")
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bars")
+    cli.add_run_flags(p, seed_help="seed for subsets, batches and heads")
     args = p.parse_args(argv)
     cli.fill_sized_defaults(args, FULL_DEFAULTS, SMOKE_DEFAULTS)
     try:
@@ -361,7 +351,7 @@ def run_one(run, args, data, base: MiniLMClassifier, bbc_head, schedule, start_p
     eval_seconds = 0.0
     losses: list[float] = []
     step_times: list[float] = []
-    bar = tqdm(range(args.steps), desc=f"{run['name']:>14}", disable=args.no_progress)
+    bar = progress(range(args.steps), desc=f"{run['name']:>14}", enabled=not args.no_progress)
     for step in bar:
         idx = schedule[step]
         t = time.perf_counter()

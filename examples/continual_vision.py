@@ -44,28 +44,21 @@ Outputs (in ``--out``): ``continual_vision.json`` (all numbers and curves),
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-EXAMPLES_DIR = Path(__file__).resolve().parent
-if str(EXAMPLES_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES_DIR))
-if str(EXAMPLES_DIR.parent) not in sys.path:  # a source checkout that is not pip-installed
-    sys.path.insert(1, str(EXAMPLES_DIR.parent))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from common import assets, cli
+from common.mnist_cnn import MnistCNN, evaluate_accuracy, load_mnist_cnn
+from common.progress import progress
+from common.results import environment, write_results
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from common import assets, cli  # noqa: E402
-from common.mnist_cnn import MnistCNN, evaluate_accuracy, load_mnist_cnn  # noqa: E402
-from common.results import environment, write_results  # noqa: E402
-from flax import nnx  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import nanoadam_jax as nanoadam  # noqa: E402
+import nanoadam_jax as nanoadam
 
 __all__ = [
     "ASSET_NAMES",
@@ -114,21 +107,20 @@ SPLIT_SEED = 0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; unset size flags take the full-run or ``--smoke`` defaults."""
-    p = argparse.ArgumentParser(
+    p = cli.parser(
         prog="continual_vision.py",
         description=(
             "Fine-tune the pretrained MNIST CNN on 90-degree rotated MNIST with NanoAdam (several "
             "densities) and with AdamW; report new-task accuracy, old-task (upright MNIST) "
             "accuracy before and after, and forgetting. Runs offline on CPU."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
     sized = cli.sized_adder(p, FULL_DEFAULTS, SMOKE_DEFAULTS)
 
     sized("--steps", "steps", int, "training steps per method")
     sized("--batch-size", "batch_size", int, "training batch size")
-    sized("--train-examples", "train_examples", int, "rotated training images (None: all 4,000)")
+    sized("--train-examples", "train_examples", int, "rotated training images (of 4,000)")
     sized("--test-examples", "test_examples", int, "held-out images (of the 1,000 test images)")
     sized("--eval-every", "eval_every", int, "evaluate both tasks every this many steps")
     sized("--mask-interval", "mask_interval", int, "NanoAdam: re-select weights every N steps")
@@ -140,10 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-head-only", action="store_true", help="skip the head-only control (body frozen)"
     )
-    p.add_argument("--smoke", action="store_true", help="tiny, fast run (for tests and CI)")
-    p.add_argument("--out", type=Path, default=EXAMPLES_DIR / "results", help="results folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the batch order")
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bars")
+    cli.add_run_flags(p, seed_help="seed of the batch order")
     args = p.parse_args(argv)
     cli.fill_sized_defaults(args, FULL_DEFAULTS, SMOKE_DEFAULTS)
     try:
@@ -319,7 +308,7 @@ def train_and_evaluate(
     new0, own0, shared0 = evaluate()
     eval_steps, new_curve, own_curve, shared_curve = [0], [new0], [own0], [shared0]
     losses: list[float] = []
-    bar = tqdm(range(args.steps), desc=f"{name:>16}", disable=args.no_progress, dynamic_ncols=True)
+    bar = progress(range(args.steps), desc=f"{name:>16}", enabled=not args.no_progress)
     for step in bar:
         idx = schedule[step]
         loss = float(train_step(model, optimizer, data["new_train_x"][idx], data["train_y"][idx]))

@@ -30,26 +30,21 @@ Reported per optimizer:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-EXAMPLES_DIR = Path(__file__).resolve().parent
-if str(EXAMPLES_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES_DIR))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from common import assets, cli
+from common.minilm import MiniLMClassifier, MiniLMTokenizer
+from common.progress import progress
+from common.results import environment, write_results
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from common import assets, cli  # noqa: E402
-from common.minilm import MiniLMClassifier, MiniLMTokenizer  # noqa: E402
-from common.results import environment, write_results  # noqa: E402
-from flax import nnx  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import nanoadam_jax as nanoadam  # noqa: E402
+import nanoadam_jax as nanoadam
 
 __all__ = [
     "OPTIMIZERS",
@@ -102,7 +97,7 @@ EVAL_BATCH_SIZE = 100
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; unset size flags take the full-demo or ``--smoke`` defaults."""
-    p = argparse.ArgumentParser(
+    p = cli.parser(
         prog="finetune_text.py",
         description=(
             "Fine-tune pretrained MiniLM-L6 + a new linear head on Rotten Tomatoes sentiment "
@@ -111,10 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
     )
 
-    def sized(flag: str, key: str, typ, help_: str) -> None:
-        full = "all" if FULL_DEFAULTS[key] is None else FULL_DEFAULTS[key]
-        help_ = f"{help_} (default: {full}; with --smoke: {SMOKE_DEFAULTS[key]})"
-        p.add_argument(flag, type=typ, default=None, help=help_)
+    sized = cli.sized_adder(p, FULL_DEFAULTS, SMOKE_DEFAULTS)
 
     sized("--steps", "steps", int, "training steps per optimizer")
     sized("--batch-size", "batch_size", int, "training batch size")
@@ -124,40 +116,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sized("--eval-examples", "eval_examples", int, "held-out reviews for evaluation")
     sized("--eval-every", "eval_every", int, "evaluate every this many steps")
     sized("--mask-interval", "mask_interval", int, "NanoAdam: re-select weights every N steps")
+    p.add_argument("--lr-nanoadam", type=float, default=2e-4, help="NanoAdam learning rate")
+    p.add_argument("--lr-adamw", type=float, default=5e-5, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument(
-        "--lr-nanoadam",
-        type=float,
-        default=2e-4,
-        help="NanoAdam learning rate (default: %(default)g)",
+        "--density", type=float, default=0.1, help="NanoAdam: fraction of weights updated"
     )
     p.add_argument(
-        "--lr-adamw", type=float, default=5e-5, help="AdamW learning rate (default: %(default)g)"
+        "--optimizers", default=",".join(OPTIMIZERS), help="comma-separated optimizers to run"
     )
-    p.add_argument(
-        "--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)g)"
-    )
-    p.add_argument(
-        "--density",
-        type=float,
-        default=0.1,
-        help="NanoAdam: fraction of weights updated (default: %(default)g)",
-    )
-    p.add_argument(
-        "--optimizers",
-        default=",".join(OPTIMIZERS),
-        help="comma-separated optimizers to run (default: %(default)s)",
-    )
-    p.add_argument("--smoke", action="store_true", help="tiny, fast run (for tests and CI)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=EXAMPLES_DIR / "results",
-        help="results folder (default: examples/results)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed for batches and head init (default: %(default)s)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bars")
+    cli.add_run_flags(p, seed_help="seed for batches and head init")
     args = p.parse_args(argv)
     cli.fill_sized_defaults(args, FULL_DEFAULTS, SMOKE_DEFAULTS)
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
@@ -366,7 +334,7 @@ def train_and_evaluate(
     losses: list[float] = []
     step_times: list[float] = []
     eval_steps, eval_accs = [0], [run_eval()]
-    bar = tqdm(range(args.steps), desc=f"{name:>8}", disable=args.no_progress, dynamic_ncols=True)
+    bar = progress(range(args.steps), desc=f"{name:>8}", enabled=not args.no_progress)
     for step in bar:
         ids, mask, labels = batch(step)
         t = time.perf_counter()

@@ -30,31 +30,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-EXAMPLES_DIR = Path(__file__).resolve().parent
-if str(EXAMPLES_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES_DIR))
-if str(EXAMPLES_DIR.parent) not in sys.path:  # a source checkout that is not pip-installed
-    sys.path.insert(1, str(EXAMPLES_DIR.parent))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from common import assets, cli
+from common.mnist_cnn import load_mnist_cnn, normalize_images
+from common.progress import progress
+from common.results import environment, write_results
+from continual_vision import ASSET_NAMES, batch_schedule, load_tasks
+from flax import nnx
+from flax.training.train_state import TrainState
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from common import assets, cli  # noqa: E402
-from common.mnist_cnn import load_mnist_cnn, normalize_images  # noqa: E402
-from common.results import environment, write_results  # noqa: E402
-from continual_vision import ASSET_NAMES, batch_schedule, load_tasks  # noqa: E402
-from flax import nnx  # noqa: E402
-from flax.training.train_state import TrainState  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import nanoadam_jax as nanoadam  # noqa: E402
+import nanoadam_jax as nanoadam
 
 __all__ = ["LinenMnistCNN", "accuracy", "linen_params_from_nnx", "main", "parse_args"]
 
@@ -79,29 +72,25 @@ EVAL_BATCH_SIZE = 500
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; unset size flags take the full-run or ``--smoke`` defaults."""
-    p = argparse.ArgumentParser(
+    p = cli.parser(
         prog="linen_trainstate.py",
         description=(
             "Fine-tune the pretrained MNIST CNN, as a Flax Linen module with a TrainState, on "
             "90-degree rotated MNIST with nanoadam.nanoadam; print new- and old-task accuracy."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
     sized = cli.sized_adder(p, FULL_DEFAULTS, SMOKE_DEFAULTS)
 
     sized("--steps", "steps", int, "training steps")
     sized("--batch-size", "batch_size", int, "training batch size")
-    sized("--train-examples", "train_examples", int, "rotated training images (None: all 4,000)")
+    sized("--train-examples", "train_examples", int, "rotated training images (of 4,000)")
     sized("--test-examples", "test_examples", int, "held-out images (of the 1,000 test images)")
     sized("--eval-every", "eval_every", int, "evaluate both tasks every this many steps")
     sized("--mask-interval", "mask_interval", int, "re-select the weights every N steps")
     p.add_argument("--density", type=float, default=0.1, help="fraction of each tensor updated")
     p.add_argument("--lr", type=float, default=1e-2, help="NanoAdam learning rate")
-    p.add_argument("--smoke", action="store_true", help="tiny, fast run (for tests and CI)")
-    p.add_argument("--out", type=Path, default=EXAMPLES_DIR / "results", help="results folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the batch order")
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bars")
+    cli.add_run_flags(p, seed_help="seed of the batch order")
     args = p.parse_args(argv)
     cli.fill_sized_defaults(args, FULL_DEFAULTS, SMOKE_DEFAULTS)
     if not 0.0 < args.density <= 1.0:
@@ -257,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     curve = [{"step": 0, **evaluate(state.params)}]
     losses = []
-    bar = tqdm(range(args.steps), desc="linen nanoadam", disable=args.no_progress)
+    bar = progress(range(args.steps), desc="linen nanoadam", enabled=not args.no_progress)
     for step in bar:
         idx = schedule[step]
         state, loss = train_step(state, data["new_train_x"][idx], data["train_y"][idx])

@@ -37,28 +37,20 @@ Embedding tables are left out: their gradient is zero on every row whose token i
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-EXAMPLES_DIR = Path(__file__).resolve().parent
-if str(EXAMPLES_DIR) not in sys.path:  # for ``common``
-    sys.path.insert(0, str(EXAMPLES_DIR))
-if str(EXAMPLES_DIR.parent) not in sys.path:  # nanoadam_jax from a checkout that is not installed
-    sys.path.append(str(EXAMPLES_DIR.parent))
+import jax
+import numpy as np
+import optax
+from common import assets, cli
+from common.minilm import MiniLMClassifier, MiniLMTokenizer
+from common.progress import progress
+from common.results import environment, write_results
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from common import assets, cli  # noqa: E402
-from common.minilm import MiniLMClassifier, MiniLMTokenizer  # noqa: E402
-from common.results import environment  # noqa: E402
-from flax import nnx  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import nanoadam_jax as nanoadam  # noqa: E402
+import nanoadam_jax as nanoadam
 
 __all__ = ["kernel_name", "main", "parse_args", "star_metrics"]
 
@@ -81,36 +73,26 @@ MOVE = 0.30  # the paper's movement statistic compares the 30% smallest and 30% 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; unset size flags take the default-run or ``--smoke`` values."""
-    p = argparse.ArgumentParser(
+    p = cli.parser(
         prog="why_small_weights.py",
         description=(
             "Reproduce the paper's Figure 1 on MiniLM-L6 + Rotten Tomatoes: scatter |w| vs |g| "
             "of pretrained kernels (star shape: big gradients on small weights) and of the new "
             "head (no pattern), at step 0 and after a few AdamW steps."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def sized(flag: str, key: str, help_: str) -> None:
-        p.add_argument(
-            flag,
-            type=int,
-            default=None,
-            help=f"{help_} (default: {FULL_DEFAULTS[key]}; with --smoke: {SMOKE_DEFAULTS[key]})",
-        )
+    sized = cli.sized_adder(p, FULL_DEFAULTS, SMOKE_DEFAULTS)
 
-    sized("--steps", "steps", "AdamW fine-tuning steps between the two snapshots")
-    sized("--batch-size", "batch_size", "training batch size")
-    sized("--probe-batch", "probe_batch", "held-out reviews the gradients are taken on")
-    sized("--seq-len", "seq_len", "tokens per review")
-    sized("--num-layers", "num_layers", "pretrained encoder layers to keep (1-6)")
-    sized("--layer", "layer", "layer whose query and FFN kernels are scattered")
+    sized("--steps", "steps", int, "AdamW fine-tuning steps between the two snapshots")
+    sized("--batch-size", "batch_size", int, "training batch size")
+    sized("--probe-batch", "probe_batch", int, "held-out reviews the gradients are taken on")
+    sized("--seq-len", "seq_len", int, "tokens per review")
+    sized("--num-layers", "num_layers", int, "pretrained encoder layers to keep (1-6)")
+    sized("--layer", "layer", int, "layer whose query and FFN kernels are scattered")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
     p.add_argument("--max-points", type=int, default=20000, help="points per scatter (subsample)")
-    p.add_argument("--smoke", action="store_true", help="tiny, fast run (for tests and CI)")
-    p.add_argument("--out", type=Path, default=EXAMPLES_DIR / "results", help="results folder")
-    p.add_argument("--seed", type=int, default=0, help="seed for batches, head and subsampling")
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
+    cli.add_run_flags(p, seed_help="seed for batches, head and subsampling")
     args = p.parse_args(argv)
     cli.fill_sized_defaults(args, FULL_DEFAULTS, SMOKE_DEFAULTS)
     if not 1 <= args.num_layers <= 6:
@@ -349,17 +331,6 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _finite(x: Any) -> Any:
-    """``x`` with every NaN/inf float replaced by ``None`` (strict JSON)."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
-
-
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
@@ -397,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     snapshots = [snapshot(0)]
     losses = []
-    for step in tqdm(range(args.steps), desc="AdamW", disable=args.no_progress):
+    for step in progress(range(args.steps), desc="AdamW", enabled=not args.no_progress):
         ids, mask = tokenizer([texts[i] for i in batch_idx[step]])
         losses.append(float(train_step(model, optimizer, ids, mask, labels[batch_idx[step]])))
     if args.steps:
@@ -425,18 +396,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = format_table(results)
     print(table)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_scatter(snapshots, chosen, args, out / "why_small_weights.png")
-    save_layer_plot(snapshots, args.num_layers, out / "why_small_weights_layers.png")
-    (out / "why_small_weights.md").write_text(
-        "# Why small weights: |w| vs |g| on MiniLM-L6 + Rotten Tomatoes\n\n"
-        + table
-        + "\n\n![scatter](why_small_weights.png)\n\n![per layer](why_small_weights_layers.png)\n"
+    def plot(_: dict[str, Any], path: Path) -> None:
+        save_scatter(snapshots, chosen, args, path)
+        save_layer_plot(snapshots, args.num_layers, path.with_name("why_small_weights_layers.png"))
+
+    write_results(
+        args.out,
+        "why_small_weights",
+        "Why small weights: |w| vs |g| on MiniLM-L6 + Rotten Tomatoes",
+        table
+        + "\n\n![scatter](why_small_weights.png)\n\n![per layer](why_small_weights_layers.png)",
+        results,
+        t_start,
+        plot=plot,
     )
-    results["wall_seconds"] = time.perf_counter() - t_start
-    (out / "why_small_weights.json").write_text(json.dumps(_finite(results), indent=2) + "\n")
-    print(f"\nWrote {out / 'why_small_weights.json'}, .md, .png ({results['wall_seconds']:.0f} s).")
     return results
 
 

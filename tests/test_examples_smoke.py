@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
 from common import assets  # noqa: E402
+
+
+def assert_provenance(results: dict, md: str) -> None:
+    """A results file pair records the library's commit (and dirty flag) and the machine."""
+    env = results["environment"]
+    git = env["git"]
+    if (REPO / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}", git["commit"]), git
+        assert isinstance(git["dirty"], bool), git
+        assert f"commit {git['commit'][:12]}" in md
+    machine = env["machine"]
+    for key in ("platform", "cpu_model", "cpu_count", "device_kind"):
+        assert machine[key], key
+    assert machine["device_count"] == len(machine["devices"]) == jax.device_count()
+    assert "- library: nanoadam_jax " in md and "- machine: " in md
+
+
+def assert_help_states_defaults_once(help_text: str) -> None:
+    """Every option's help names its default at most once, and never as None or False."""
+    options = re.split(r"\n  (?=-)", help_text.split("options:", 1)[1])
+    for option in options:
+        text = " ".join(option.split())
+        assert text.count("default:") <= 1, text
+        assert "(default: None)" not in text and "(default: False)" not in text, text
 
 
 def test_finetune_text_smoke(tmp_path):
@@ -40,6 +66,7 @@ def test_finetune_text_smoke(tmp_path):
     assert results["optimizers"]["adamw"]["accuracy"] == returned["optimizers"]["adamw"]["accuracy"]
     table = (tmp_path / "finetune_text.md").read_text()
     assert "nanoadam" in table and "adamw" in table
+    assert_provenance(results, table)
 
 
 def test_finetune_text_help(capsys):
@@ -52,3 +79,5 @@ def test_finetune_text_help(capsys):
     for flag in ("--steps", "--lr-nanoadam", "--lr-adamw", "--density", "--mask-interval",
                  "--num-layers", "--smoke", "--out", "--seed"):  # fmt: skip
         assert flag in out
+    assert_help_states_defaults_once(out)
+    assert "results folder (default: examples/results)" in " ".join(out.split())

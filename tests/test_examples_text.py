@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
 from common import assets  # noqa: E402
+from test_examples_smoke import assert_help_states_defaults_once, assert_provenance  # noqa: E402
 
 NOTEBOOK = REPO / "examples" / "colab_finetune.ipynb"
 
@@ -59,6 +60,7 @@ def test_continual_text_smoke(tmp_path):
     assert nano["optimizer_state_bytes"] < adamw["optimizer_state_bytes"]
     assert returned["runs"]["adamw"]["sentiment_accuracy"] == adamw["sentiment_accuracy"]
     assert "nanoadam@0.1" in (tmp_path / "continual_text.md").read_text()
+    assert_provenance(results, (tmp_path / "continual_text.md").read_text())
 
 
 def test_continual_text_parse_runs():
@@ -95,6 +97,7 @@ def test_why_small_weights_smoke(tmp_path):
         assert m["ratio"] is not None and m["ratio"] > 0, name
         assert 0.0 <= m["top1_share"] <= 1.0 and -1.0 <= m["spearman"] <= 1.0, name
     assert set(results["movement_ratio"]) == set(metrics)
+    assert_provenance(results, (tmp_path / "why_small_weights.md").read_text())
 
 
 def test_why_small_weights_select_matches_library():
@@ -120,6 +123,7 @@ def test_help(module, capsys):
     out = capsys.readouterr().out
     for flag in ("--smoke", "--out", "--seed", "--steps", "--num-layers"):
         assert flag in out
+    assert_help_states_defaults_once(out)
 
 
 def test_notebook_is_generated_by_make_notebook():

@@ -19,6 +19,7 @@ if str(REPO / "examples") not in sys.path:
     sys.path.insert(0, str(REPO / "examples"))
 
 from common import assets  # noqa: E402
+from test_examples_smoke import assert_help_states_defaults_once, assert_provenance  # noqa: E402
 
 SCRIPTS = ("continual_vision", "ablation_vmap", "linen_trainstate")
 
@@ -40,6 +41,7 @@ def _run(name: str, tmp_path: Path) -> tuple[dict, dict]:
     assert results["wall_seconds"] > 0
     md = tmp_path / f"{name}.md"
     assert md.is_file() and md.read_text().startswith("# ")
+    assert_provenance(results, md.read_text())
     return results, returned
 
 
@@ -140,3 +142,4 @@ def test_help(name, capsys):
     out = capsys.readouterr().out
     for flag in ("--smoke", "--out", "--seed", "--steps"):
         assert flag in out
+    assert_help_states_defaults_once(out)
