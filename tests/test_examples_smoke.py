@@ -22,7 +22,7 @@ def assert_provenance(results: dict, md: str) -> None:
     git = env["git"]
     if (REPO / ".git").exists():
         assert re.fullmatch(r"[0-9a-f]{40}", git["commit"]), git
-        assert isinstance(git["dirty"], bool), git
+        assert isinstance(git["library_dirty"], bool), git
         assert f"commit {git['commit'][:12]}" in md
     machine = env["machine"]
     for key in ("platform", "cpu_model", "cpu_count", "device_kind"):

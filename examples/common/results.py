@@ -39,11 +39,11 @@ REPO = Path(__file__).resolve().parents[2]
 def git_revision(repo: str | Path = REPO) -> dict[str, Any]:
     """The checkout's commit and whether the library (``nanoadam_jax/``) differs from it.
 
-    ``{"commit": None, "dirty": None}`` outside a git checkout or without ``git``.
+    ``{"commit": None, "library_dirty": None}`` outside a git checkout or without ``git``.
 
     Example:
       >>> sorted(git_revision())
-      ['commit', 'dirty']
+      ['commit', 'library_dirty']
     """
 
     def git(*args: str) -> str:
@@ -55,10 +55,10 @@ def git_revision(repo: str | Path = REPO) -> dict[str, Any]:
     try:
         return {
             "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--", "nanoadam_jax")),
+            "library_dirty": bool(git("status", "--porcelain", "--", "nanoadam_jax")),
         }
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return {"commit": None, "library_dirty": None}
 
 
 def cpu_model() -> str:
@@ -123,7 +123,7 @@ def provenance_md(env: dict[str, Any]) -> str:
 
     Example:
       >>> env = {"nanoadam_jax": "0.1.0", "jax": "0.10.2", "python": "3.11.7", "backend": "cpu",
-      ...        "git": {"commit": "0123456789abcdef", "dirty": True},
+      ...        "git": {"commit": "0123456789abcdef", "library_dirty": True},
       ...        "machine": {"cpu_model": "Xeon", "cpu_count": 2, "platform": "Linux",
       ...                    "device_count": 1, "device_kind": "cpu"}}
       >>> print(provenance_md(env))
@@ -133,7 +133,7 @@ def provenance_md(env: dict[str, Any]) -> str:
     git = env.get("git") or {}
     commit = git.get("commit")
     where = f"commit {commit[:12]}" if commit else "commit unknown (not a git checkout)"
-    if git.get("dirty"):
+    if git.get("library_dirty"):
         where += " (nanoadam_jax/ has uncommitted changes)"
     m = env.get("machine") or {}
     return (
@@ -185,7 +185,7 @@ def write_results(
       <BLANKLINE>
       Wrote .../demo.json and .md (0 s).
       ['demo.json', 'demo.md']
-      {'commit': ..., 'dirty': ...}
+      {'commit': ..., 'library_dirty': ...}
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
