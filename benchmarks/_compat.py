@@ -1,74 +1,23 @@
-"""Work-arounds that let the benchmarks run on library versions with known problems.
+"""Work-arounds for library problems that the benchmarks apply, recorded in their results.
 
-Each work-around is applied only when a probe shows that the problem is present, and is
-recorded (in the results' ``machine.library_workarounds``) so that a reader knows what was
-measured. None changes what the optimizer computes.
+None is needed at present, so :func:`apply` applies nothing and answers ``["none"]``. It
+stays because ``benchmarks/run.py`` writes its answer into every results file
+(``machine.library_workarounds``), so that a reader can tell what was measured; a future
+work-around belongs here, applied only when a probe shows the problem and named in that list.
 
-1. ``sparse_update(state_layout="compact")`` sizes its buffers with
-   ``int(selection.num_selected(...))`` inside ``update``. ``num_selected`` uses ``jnp``
-   ops, which are staged out under ``jax.jit`` even on constant inputs, so ``int()`` of
-   the result raises ``ConcretizationTypeError``: ``nanoadam(...).update`` cannot be
-   jitted. The work-around evaluates that static size under
-   ``jax.ensure_compile_time_eval()`` (the value is the same).
-2. ``select_mask(..., method="top_k")`` needs a concrete ``k``, but computes it with
-   ``jnp`` ops, so it fails under ``jax.jit``. The selection benchmark therefore traces
-   every method (not only ``top_k``, for a fair comparison) inside
-   ``jax.ensure_compile_time_eval()``, which folds ``k`` to a constant.
+Removed (both probes passed with jax 0.10.2, flax 0.12.8 and optax 0.2.8, library commit
+a5b8284):
+
+* a patch of ``transform._Selector.layout`` (compact buffers sized with ``int()`` of a
+  traced value, so ``nanoadam(...).update`` could not be jitted): the update jits, and the
+  patched class no longer exists;
+* the note that ``select_mask(..., method="top_k")`` needed a concrete ``k`` under
+  ``jax.jit``: it jits with a Python-float density.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-import nanoadam_jax as nanoadam
-from nanoadam_jax import transform as _transform
-
-_APPLIED: list[str] = []
-
-
-def _compact_update_jits() -> bool:
-    params = {"w": jnp.ones((4, 4), jnp.float32)}
-    tx = nanoadam.nanoadam(1e-3, density=0.5, mask_interval=10)
-    state = tx.init(params)
-    try:
-        jax.eval_shape(lambda p, s: tx.update(p, s, p), params, state)
-    except jax.errors.ConcretizationTypeError:
-        return False
-    return True
-
-
-def _top_k_jits() -> bool:
-    try:
-        jax.eval_shape(lambda x: nanoadam.select_mask(x, 0.5, method="top_k"), jnp.ones((8,)))
-    except (ValueError, jax.errors.ConcretizationTypeError):
-        return False
-    return True
-
 
 def apply() -> list[str]:
-    """Apply the needed work-arounds (once) and describe them."""
-    if _APPLIED:
-        return list(_APPLIED)
-    if not _compact_update_jits():
-        original = _transform._Selector.layout
-
-        def layout(self, n):
-            with jax.ensure_compile_time_eval():
-                return original(self, n)
-
-        _transform._Selector.layout = layout
-        if not _compact_update_jits():  # pragma: no cover - a different problem
-            raise RuntimeError("nanoadam(...).update still cannot be jitted")
-        _APPLIED.append(
-            "transform._Selector.layout evaluated under jax.ensure_compile_time_eval() "
-            "(compact buffers could not be sized under jax.jit)"
-        )
-    if not _top_k_jits():
-        _APPLIED.append(
-            "select_mask traced under jax.ensure_compile_time_eval() in the selection "
-            "benchmark (method='top_k' needs a concrete k under jax.jit)"
-        )
-    if not _APPLIED:
-        _APPLIED.append("none")
-    return list(_APPLIED)
+    """The work-arounds applied, for the results' ``machine.library_workarounds``."""
+    return ["none"]
