@@ -7,8 +7,10 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,6 +24,29 @@ import nanoadam_jax as nanoadam
 LEAF_COLS = 1024
 #: Entries per synthetic leaf (about the size of a 1024x1024 weight matrix).
 LEAF_ENTRIES = 2**20
+#: The repository checkout the benchmarks live in.
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_revision(repo: str | Path = REPO) -> dict[str, Any]:
+    """The checkout's commit, and whether the library (``nanoadam_jax/``) differs from it.
+
+    ``{"commit": None, "library_dirty": None}`` outside a git checkout or without ``git``.
+    """
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+
+    try:
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "library_dirty": bool(git("status", "--porcelain", "--", "nanoadam_jax")),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "library_dirty": None}
 
 
 def cpu_model() -> str:
@@ -37,7 +62,7 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """Where and with what the benchmarks ran."""
+    """Where and with what the benchmarks ran: machine, jax devices, versions, library commit."""
     import flax
 
     devices = jax.devices()
@@ -55,11 +80,13 @@ def machine_info() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
+        "devices": [str(d) for d in devices],
         "jax": jax.__version__,
         "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
         "optax": optax.__version__,
         "flax": flax.__version__,
         "nanoadam_jax": nanoadam.__version__,
+        "git": git_revision(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average": load_average(),
     }
