@@ -83,9 +83,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-for _p in (REPO / "examples", REPO):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+if not __package__:  # run as `python benchmarks/evidence.py`: make `benchmarks` importable
+    sys.path.insert(0, str(REPO))
+if str(REPO / "examples") not in sys.path:  # the examples' `common` (models, offline assets)
+    sys.path.insert(0, str(REPO / "examples"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

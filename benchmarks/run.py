@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if not __package__:  # run as `python benchmarks/run.py`: make the `benchmarks` package importable
     sys.path.insert(0, str(REPO))
 
 from benchmarks import (  # noqa: E402
