@@ -12,8 +12,8 @@ Example:
 
 from nanoadam_jax import labels, layout, refresh, schedules, selection, transform
 from nanoadam_jax.alias import nanoadam, nanoadamw
-from nanoadam_jax.layout import SelectionDimensionNumbers
 from nanoadam_jax.labels import DENSE, FROZEN, SPARSE, default_labels, label_params, path_names
+from nanoadam_jax.layout import SelectionDimensionNumbers
 from nanoadam_jax.schedules import constant_density, linear_density_decay
 from nanoadam_jax.selection import (
     bottom_k_mask,

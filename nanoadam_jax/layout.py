@@ -120,19 +120,108 @@ class LeafLayout:
         perm = (*self.batch_axes, *rest)
         return None if perm == tuple(range(len(self.shape))) else perm
 
+    def view_spec(self, spec: Sequence[Any]) -> tuple[Any, ...] | None:
+        """The view's ``PartitionSpec`` entries for a leaf sharded as ``spec``, or None if
+        its chunks are split across shards (then the view is replicated)."""
+        full = tuple(spec) + (None,) * (len(self.shape) - len(spec))
+        bspec = tuple(full[a] for a in self.batch_axes)
+        mspec = tuple(full[a] for a in range(len(self.shape)) if a not in self.batch_axes)
+        j = len(self.grid) - len(self.batch_axes) - 1
+        if any(e is not None for e in mspec[j + 1 :]):
+            return None
+        return (*bspec, *mspec[: j + 1], None)
+
     def view(self, x: jax.Array) -> jax.Array:
         """``x`` as ``(*grid, chunk)``: one row per chunk."""
         if self.permutation is not None:
             x = jnp.transpose(x, self.permutation)
-        return x.reshape((*self.grid, self.chunk))
+        return jax.lax.reshape(x, (*self.grid, self.chunk), out_sharding=_explicit(x, self))
 
-    def unview(self, v: jax.Array) -> jax.Array:
-        """Inverse of :meth:`view`."""
-        if self.permutation is None:
-            return v.reshape(self.shape)
+    def unview(self, v: jax.Array, like: jax.Array | None = None) -> jax.Array:
+        """Inverse of :meth:`view` (``like``: the parameter, for its explicit sharding)."""
         perm = self.permutation
-        moved = v.reshape(tuple(self.shape[a] for a in perm))
-        return jnp.transpose(moved, np.argsort(perm))
+        shape = self.shape if perm is None else tuple(self.shape[a] for a in perm)
+        sharding = None
+        if like is not None:
+            sharding = _typeof_sharding(like)
+            if sharding is not None and perm is not None:
+                spec = tuple(sharding.spec) + (None,) * (len(self.shape) - len(sharding.spec))
+                sharding = jax.sharding.NamedSharding(
+                    sharding.mesh, jax.sharding.PartitionSpec(*(spec[a] for a in perm))
+                )
+        x = jax.lax.reshape(v, shape, out_sharding=sharding)
+        return x if perm is None else jnp.transpose(x, np.argsort(perm))
+
+
+def _typeof_sharding(x: jax.Array) -> Any:
+    """``x``'s sharding when it is explicit (set on its type), else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(e is None for e in spec):
+        return None
+    return sharding
+
+
+def _explicit(x: jax.Array, lay: LeafLayout) -> Any:
+    """The view's sharding under explicit sharding (None otherwise)."""
+    sharding = _typeof_sharding(x)
+    if sharding is None:
+        return None
+    spec = tuple(sharding.spec)
+    if lay.permutation is not None:  # x is already transposed: map back to leaf axes
+        spec = tuple(spec[list(lay.permutation).index(a)] for a in range(len(spec)))
+    view = lay.view_spec(spec)
+    entries = view if view is not None else (None,) * (len(lay.grid) + 1)
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*entries))
+
+
+def take_rows(view: jax.Array, pos: jax.Array, padded: bool) -> jax.Array:
+    """``view[..., pos]`` row by row (leading axes are batch axes; no collective when they
+    are sharded). Padding positions (``== C``) read zero."""
+    nb = view.ndim - 1
+    dnums = jax.lax.GatherDimensionNumbers(
+        offset_dims=(),
+        collapsed_slice_dims=(nb,),
+        start_index_map=(nb,),
+        operand_batching_dims=tuple(range(nb)),
+        start_indices_batching_dims=tuple(range(nb)),
+    )
+    mode = jax.lax.GatherScatterMode.FILL_OR_DROP if padded else jax.lax.GatherScatterMode.CLIP
+    return jax.lax.gather(
+        view,
+        pos.astype(jnp.int32)[..., None],
+        dnums,
+        slice_sizes=(1,) * view.ndim,
+        indices_are_sorted=True,
+        mode=mode,
+        fill_value=0,
+    )
+
+
+def scatter_add_rows(base: jax.Array, pos: jax.Array, values: jax.Array) -> jax.Array:
+    """``base`` with ``values`` added at ``pos`` row by row; padding positions dropped.
+
+    A scatter-*add* into zeros: when the result is added to the parameters in the same
+    jitted step (``optax.apply_updates``), XLA turns both into one in-place scatter-add
+    into the parameters (no parameter-sized update buffer).
+    """
+    nb = base.ndim - 1
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(),
+        inserted_window_dims=(nb,),
+        scatter_dims_to_operand_dims=(nb,),
+        operand_batching_dims=tuple(range(nb)),
+        scatter_indices_batching_dims=tuple(range(nb)),
+    )
+    return jax.lax.scatter_add(
+        base,
+        pos.astype(jnp.int32)[..., None],
+        values.astype(base.dtype),
+        dnums,
+        indices_are_sorted=True,
+        unique_indices=True,
+        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+    )
 
 
 def _divisors_up_to(s: int, limit: int) -> int:
@@ -244,7 +333,7 @@ def leaf_layout(
       >>> import nanoadam_jax as nanoadam
       >>> lay = nanoadam.layout.leaf_layout((4, 64, 512), batch_axes=(0,), max_density=0.1)
       >>> lay.grid, lay.chunk, lay.capacity
-      ((4, 4), 8192, 819)
+      ((4, 2), 16384, 1638)
 
     Args:
       shape: the leaf's shape.

@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nanoadam_jax.layout import take_rows
+
 __all__ = ["REFRESH_POLICIES", "carry_positions", "cond", "refresh_due"]
 
 #: Accepted values of ``refresh_policy``: what a refresh does to the sparse inner state.
@@ -123,12 +125,18 @@ def carry_positions(old: jax.Array, new: jax.Array, values: jax.Array, chunk: in
     """
     if values.shape[-1] == 0:
         return values
-    shape = new.shape
-    old2 = old.reshape(-1, old.shape[-1]).astype(jnp.int32)
-    new2 = new.reshape(-1, new.shape[-1]).astype(jnp.int32)
-    vals2 = values.reshape(old2.shape)
-    at = jax.vmap(lambda o, n: jnp.searchsorted(o, n, method="scan_unrolled"))(old2, new2)
-    at = jnp.minimum(at, old2.shape[-1] - 1)
-    found = (jnp.take_along_axis(old2, at, axis=-1) == new2) & (new2 < chunk)
-    moved = jnp.where(found, jnp.take_along_axis(vals2, at, axis=-1), jnp.zeros((), values.dtype))
-    return moved.reshape(shape)
+
+    k = new.shape[-1]
+    old, new = old.astype(jnp.int32), new.astype(jnp.int32)
+    # Batched binary search of each new position among the row's old ones (every leading
+    # axis is a batch axis, so a sharded grid stays sharded: no data moves).
+    lo = jnp.zeros_like(new)
+    hi = jnp.full_like(new, k)
+    for _ in range(max(1, k.bit_length())):
+        mid = (lo + hi) // 2
+        below = take_rows(old, jnp.minimum(mid, k - 1), padded=False) < new
+        lo = jnp.where(below, mid + 1, lo)
+        hi = jnp.where(below, hi, mid)
+    at = jnp.minimum(lo, k - 1)
+    found = (take_rows(old, at, padded=False) == new) & (new < chunk)
+    return jnp.where(found, take_rows(values, at, padded=False), jnp.zeros((), values.dtype))

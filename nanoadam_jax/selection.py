@@ -608,19 +608,118 @@ def _order_keys(keys: jax.Array) -> jax.Array:
     return ~signed
 
 
+def _row_scatter(base: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
+    """``base[..., slots] = values`` row by row (leading axes are batch axes); slots past
+    the end of ``base``'s rows are dropped."""
+    nb = base.ndim - 1
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(),
+        inserted_window_dims=(nb,),
+        scatter_dims_to_operand_dims=(nb,),
+        operand_batching_dims=tuple(range(nb)),
+        scatter_indices_batching_dims=tuple(range(nb)),
+    )
+    return jax.lax.scatter(
+        base,
+        slots[..., None],
+        values,
+        dnums,
+        indices_are_sorted=True,
+        unique_indices=True,
+        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+    )
+
+
+def _row_cumsum(mask: jax.Array) -> jax.Array:
+    """Inclusive running count of ``mask`` along the last axis (int32).
+
+    Two levels (within blocks of 64, then over block totals): about twice as fast on
+    XLA:CPU as one ``cumsum`` over a 16k-entry row, and still local to each row.
+    """
+    c = mask.shape[-1]
+    block = 64 if c % 64 == 0 and c > 64 else c
+    m = mask.astype(jnp.int32).reshape(*mask.shape[:-1], c // block, block)
+    inner = jnp.cumsum(m, axis=-1, dtype=jnp.int32)
+    total = inner[..., -1]
+    offset = jnp.cumsum(total, axis=-1, dtype=jnp.int32) - total
+    return (inner + offset[..., None]).reshape(mask.shape)
+
+
 def chunk_positions(keys: jax.Array, k: jax.typing.ArrayLike, capacity: int) -> jax.Array:
     """Sorted positions of the ``k`` smallest keys in every row (chunk), ties by position.
 
     The per-chunk selection of the compact layout: ``keys`` is ``(*grid, C)``, one row per
     chunk; the result is ``(*grid, capacity)`` int32 positions into each row, ascending,
     with the slots past ``k`` set to ``C`` (padding, used only when a traced ``k`` is
-    smaller than ``capacity``). Exact: ``jax.lax.top_k`` returns the lower position first
-    among equal keys.
+    smaller than ``capacity``).
+
+    How: a 32-pass bisection on the key bits finds each row's ``k``-th smallest key
+    (exact), surplus ties at it are ranked by position with a running count (only when
+    some row has them), and the selected positions are scattered into their slots.
+    Every operation is element-wise or along a row, so a grid sharded over devices needs
+    no communication. Measured against ``jax.lax.top_k`` per row on a 2-core CPU
+    (``python benchmarks/run.py --sections chunk``): several times faster, and XLA's
+    partitioner all-gathers a sharded ``top_k`` operand.
 
     Example:
       >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
       >>> keys = jnp.array([[3, 1, 1, 1, 0], [9, 8, 7, 6, 5]], jnp.uint32)
       >>> nanoadam.selection.chunk_positions(keys, 3, 3).tolist()
+      [[1, 2, 4], [2, 3, 4]]
+
+    Args:
+      keys: ``uint32`` keys (see :func:`selection_keys`), shape ``(*grid, C)``.
+      k: entries to select per row (int, may be traced; at most ``capacity``).
+      capacity: slots per row (static).
+
+    Returns:
+      int32 positions of shape ``(*grid, capacity)``.
+    """
+    c = keys.shape[-1]
+    lead = keys.shape[:-1]
+    k = jnp.asarray(k, jnp.int32)
+    if capacity == 0:
+        return jnp.zeros((*lead, 0), jnp.int32)
+    # Built from slices of ``keys`` so that, under explicit sharding, they are sharded
+    # like its rows.
+    lo = jnp.zeros_like(keys[..., 0])
+    hi = jnp.full_like(keys[..., 0], _MAX_KEY)
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(keys <= mid[..., None], axis=-1, dtype=jnp.int32) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    t, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    t = t[..., None]
+    at_most = keys <= t
+    surplus = jnp.any(jnp.sum(at_most, axis=-1, dtype=jnp.int32) > k)
+
+    def cut_ties(_):
+        equal = keys == t
+        need = k - jnp.sum(keys < t, axis=-1, dtype=jnp.int32, keepdims=True)
+        return (keys < t) | (equal & (_row_cumsum(equal) <= need))
+
+    take = jax.lax.cond(surplus, cut_ties, lambda _: at_most, None)
+    slots = jnp.where(take, _row_cumsum(take) - 1, capacity)
+    cols = jax.lax.broadcasted_iota(
+        jnp.int32, keys.shape, keys.ndim - 1, out_sharding=_out_sharding(keys)
+    )
+    base = jnp.full_like(keys[..., :1], c, dtype=jnp.int32)
+    base = jnp.broadcast_to(base, (*lead, capacity))
+    return _row_scatter(base, slots, cols)
+
+
+def chunk_positions_top_k(keys: jax.Array, k: jax.typing.ArrayLike, capacity: int) -> jax.Array:
+    """:func:`chunk_positions` with ``jax.lax.top_k`` per row (for benchmarks).
+
+    Exact: ``jax.lax.top_k`` returns the lower position first among equal keys.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> keys = jnp.array([[3, 1, 1, 1, 0], [9, 8, 7, 6, 5]], jnp.uint32)
+      >>> nanoadam.selection.chunk_positions_top_k(keys, 3, 3).tolist()
       [[1, 2, 4], [2, 3, 4]]
 
     Args:
