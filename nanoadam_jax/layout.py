@@ -162,6 +162,11 @@ def _typeof_sharding(x: jax.Array) -> Any:
     return sharding
 
 
+def explicit_sharding(x: jax.Array) -> Any:
+    """``x``'s sharding under explicit sharding (set on its type), else None."""
+    return _typeof_sharding(x)
+
+
 def _explicit(x: jax.Array, lay: LeafLayout) -> Any:
     """The view's sharding under explicit sharding (None otherwise)."""
     sharding = _typeof_sharding(x)

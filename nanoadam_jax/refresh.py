@@ -22,9 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nanoadam_jax.layout import take_rows
+from nanoadam_jax.layout import scatter_add_rows, take_rows
 
-__all__ = ["REFRESH_POLICIES", "carry_positions", "cond", "refresh_due"]
+__all__ = ["REFRESH_POLICIES", "carry_plan", "carry_positions", "cond", "refresh_due"]
 
 #: Accepted values of ``refresh_policy``: what a refresh does to the sparse inner state.
 REFRESH_POLICIES = ("keep", "reset")
@@ -110,33 +110,43 @@ def cond(
     return run(pred, operand)
 
 
-def carry_positions(old: jax.Array, new: jax.Array, values: jax.Array, chunk: int) -> jax.Array:
-    """Values of a compact buffer, moved from positions ``old`` to positions ``new``.
+def carry_plan(old: jax.Array, new: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Where each new selected entry sat in the old selection: ``(slot, found)``.
 
-    Rows are chunks; positions in each row are sorted, padding slots hold ``chunk``. An
-    entry in both selections keeps its value; an entry only in ``new`` (or a padding
-    slot) gets zero.
+    Rows are chunks; positions in each row are sorted, padding slots hold ``chunk``. The
+    old slots are written into a chunk-sized scratch row and read back at the new
+    positions (one scatter and one gather per row: local to each row, so a sharded grid
+    stays sharded, and no per-entry search).
 
     Example:
       >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
       >>> old, new = jnp.array([[0, 2, 5]]), jnp.array([[2, 3, 5]])
-      >>> nanoadam.refresh.carry_positions(old, new, jnp.array([[1.0, 2.0, 3.0]]), 8).tolist()
+      >>> slot, found = nanoadam.refresh.carry_plan(old, new, 8)
+      >>> slot.tolist(), found.tolist()
+      ([[1, 0, 2]], [[True, False, True]])
+    """
+    k = new.shape[-1]
+    if k == 0:
+        return jnp.zeros(new.shape, jnp.int32), jnp.zeros(new.shape, bool)
+    slots = jax.lax.broadcasted_iota(jnp.int32, old.shape, old.ndim - 1) + 1
+    scratch = jnp.broadcast_to(jnp.zeros_like(old[..., :1], jnp.int32), (*old.shape[:-1], chunk))
+    scratch = scatter_add_rows(scratch, old, slots)
+    hit = take_rows(scratch, new, padded=True)
+    return jnp.maximum(hit - 1, 0), hit > 0
+
+
+def carry_positions(values: jax.Array, plan: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Values of a compact buffer moved to the new selection (see :func:`carry_plan`): an
+    entry in both selections keeps its value; an entry only in the new one gets zero.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> plan = nanoadam.refresh.carry_plan(jnp.array([[0, 2, 5]]), jnp.array([[2, 3, 5]]), 8)
+      >>> nanoadam.refresh.carry_positions(jnp.array([[1.0, 2.0, 3.0]]), plan).tolist()
       [[2.0, 0.0, 3.0]]
     """
+    slot, found = plan
     if values.shape[-1] == 0:
         return values
-
-    k = new.shape[-1]
-    old, new = old.astype(jnp.int32), new.astype(jnp.int32)
-    # Batched binary search of each new position among the row's old ones (every leading
-    # axis is a batch axis, so a sharded grid stays sharded: no data moves).
-    lo = jnp.zeros_like(new)
-    hi = jnp.full_like(new, k)
-    for _ in range(max(1, k.bit_length())):
-        mid = (lo + hi) // 2
-        below = take_rows(old, jnp.minimum(mid, k - 1), padded=False) < new
-        lo = jnp.where(below, mid + 1, lo)
-        hi = jnp.where(below, hi, mid)
-    at = jnp.minimum(lo, k - 1)
-    found = (take_rows(old, at, padded=False) == new) & (new < chunk)
-    return jnp.where(found, take_rows(values, at, padded=False), jnp.zeros((), values.dtype))
+    moved = take_rows(values, slot, padded=False)
+    return jnp.where(found, moved, jnp.zeros((), values.dtype))

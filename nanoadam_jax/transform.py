@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from nanoadam_jax import _checks, layout, refresh, schedules, selection
-from nanoadam_jax.labels import DENSE, FROZEN, SPARSE, Labels, _num_positional, label_params
+from nanoadam_jax.labels import DENSE, SPARSE, Labels, _num_positional, label_params
 from nanoadam_jax.layout import LeafLayout, SelectionDimensionNumbers
 
 __all__ = [
@@ -778,172 +778,262 @@ def sparse_update(
     _checks.check_choice("refresh_policy", refresh_policy, REFRESH_POLICIES)
     if not isinstance(inner, optax.GradientTransformation):
         raise ValueError(f"`inner` must be an optax.GradientTransformation, got {inner!r}")
-    inner = optax.with_extra_args_support(inner)
-    moments = _Moments(moment_dtype)
-    compact = scope != "global"
+    impl = _SparseUpdate(config, optax.with_extra_args_support(inner), refresh_policy, moment_dtype)
+    return optax.GradientTransformationExtraArgs(impl.init, impl.update)
 
-    def init_fn(params):
-        leaves, treedef = jax.tree.flatten(params)
-        bdef, boxes = _boxes(params)
-        n = len(leaves)
-        labels_ = treedef.flatten_up_to(label_params(params, config.labels))
-        sparse, dense = _positions(labels_, SPARSE), _positions(labels_, DENSE)
-        if compact:
-            sdef, _ = _boxes(params)
-            lays = _init_layouts(config, params, sparse)
-            sel = [
-                (i, _state_array(lays[i], lays[i].chunk, lays[i].index_dtype, leaves[i]))
-                for i in sparse
-            ]
-            vecs = [(i, _state_array(lays[i], 0, leaves[i].dtype, leaves[i])) for i in sparse]
+
+#: Largest number of parameter entries stacked into one refresh group (the stack is a
+#: temporary copy, made only at a refresh).
+_GROUP_ENTRIES = 1 << 24
+
+
+class _Leaves:
+    """One call's view of the parameters: flat leaves, labels, layouts, tree builders."""
+
+    def __init__(self, config: _Config, params: Any, compact: bool, stored: Any = None):
+        self.leaves, self.treedef = jax.tree.flatten(params)
+        self.bdef, self.boxes = _boxes(params)
+        self.n = len(self.leaves)
+        labels = self.treedef.flatten_up_to(label_params(params, config.labels))
+        self.labels = labels
+        self.sparse = _positions(labels, SPARSE)
+        self.dense = _positions(labels, DENSE)
+        # Compact state lives in a box-free tree; the global scope's mirrors the params.
+        self.sdef = self.bdef if compact else self.treedef
+        self.compact = compact
+        if not compact:
+            self.lays = {}
+        elif stored is None:
+            self.lays = _init_layouts(config, params, self.sparse)
         else:
-            sdef = treedef
-            config.init_max_density()  # validates the density
-            sel = [(i, jnp.zeros_like(leaves[i], dtype=bool)) for i in sparse]
-            vecs = [(i, jnp.zeros_like(leaves[i])) for i in sparse]
+            flat = self.sdef.flatten_up_to(stored)
+            self.lays = _update_layouts(config, params, self.sparse, flat)
+
+    def state_tree(self, items: Sequence[tuple[int, Any]]) -> Any:
+        return _subtree(self.sdef, self.n, items)
+
+    def dense_tree(self, flat: Sequence[Any]) -> Any:
+        """The dense leaves of a box-level flat list, ``None`` elsewhere."""
+        return _subtree(self.bdef, self.n, [(i, flat[i]) for i in self.dense])
+
+    def view(self, i: int, x: jax.Array) -> jax.Array:
+        return self.lays[i].view(x) if self.compact else x
+
+
+class _SparseUpdate:
+    """:func:`sparse_update`'s ``init`` and ``update``, split into their steps."""
+
+    def __init__(
+        self,
+        config: _Config,
+        inner: optax.GradientTransformationExtraArgs,
+        refresh_policy: str,
+        moment_dtype: Any,
+    ):
+        self.config = config
+        self.inner = inner
+        self.policy = refresh_policy
+        self.moments = _Moments(moment_dtype)
+        self.compact = config.scope != "global"
+
+    # -- init -------------------------------------------------------------------------
+
+    def init(self, params: Any) -> SparseUpdateState:
+        t = _Leaves(self.config, params, self.compact)
+        if self.compact:
+            sel = [
+                (i, _state_array(t.lays[i], t.lays[i].chunk, t.lays[i].index_dtype, t.leaves[i]))
+                for i in t.sparse
+            ]
+            vecs = [
+                (i, _state_array(t.lays[i], 0, t.leaves[i].dtype, t.leaves[i])) for i in t.sparse
+            ]
+        else:
+            self.config.init_max_density()  # validates the density
+            sel = [(i, jnp.zeros_like(t.leaves[i], dtype=bool)) for i in t.sparse]
+            vecs = [(i, jnp.zeros_like(t.leaves[i])) for i in t.sparse]
         return SparseUpdateState(
             sparse_step=jnp.zeros([], jnp.int32),
             sparse_density=jnp.zeros([], jnp.float32),
-            selected=_subtree(sdef, n, sel),
-            sparse_inner_state=moments.store(inner.init(_subtree(sdef, n, vecs))),
-            dense_inner_state=moments.store(
-                inner.init(_subtree(bdef, n, [(i, boxes[i]) for i in dense]))
-            ),
+            selected=t.state_tree(sel),
+            sparse_inner_state=self.moments.store(self.inner.init(t.state_tree(vecs))),
+            dense_inner_state=self.moments.store(self.inner.init(t.dense_tree(t.boxes))),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        _require_params(params, "sparse_update")
-        leaves, treedef = jax.tree.flatten(params)
-        n = len(leaves)
-        labels_ = treedef.flatten_up_to(label_params(params, config.labels))
-        sparse, dense = _positions(labels_, SPARSE), _positions(labels_, DENSE)
-        sdef = _boxes(params)[0] if compact else treedef
-        flat_updates = treedef.flatten_up_to(updates)
-        stored = sdef.flatten_up_to(state.selected)
-        lays = _update_layouts(config, params, sparse, stored) if compact else {}
-        step = state.sparse_step
-        density = config.density_fn(step)
-        due = refresh.refresh_due(step, config.mask_interval, density, state.sparse_density)
-        step_arg = {STEP_ARG: step}
+    # -- refresh ----------------------------------------------------------------------
 
-        def views(tree_leaves):
-            return [lays[i].view(tree_leaves[i]) if compact else tree_leaves[i] for i in sparse]
+    def _groups(self, t: _Leaves, xs: list[jax.Array]) -> list[list[int]]:
+        """Sparse leaves (by ordinal) that can share one refresh program: views of the same
+        shape, dtype and sharding, stacked up to :data:`_GROUP_ENTRIES` entries."""
+        groups: dict[Any, list[list[int]]] = {}
+        for j, (i, x) in enumerate(zip(t.sparse, xs)):
+            lay = t.lays[i]
+            signature = (x.shape, x.dtype, lay.capacity, lay.index_dtype)
+            signature += (layout.explicit_sharding(x),)
+            bins = groups.setdefault(signature, [[]])
+            if bins[-1] and (len(bins[-1]) + 1) * x.size > _GROUP_ENTRIES:
+                bins.append([])
+            bins[-1].append(j)
+        return [members for bins in groups.values() for members in bins]
 
-        def do_refresh(op):
-            (xs, density, step, seed), (sel, inner_state) = op
-            key = config.key(step, seed)
-            old = sdef.flatten_up_to(sel)
-            if compact:
-                new = []
-                for j, (i, x) in enumerate(zip(sparse, xs)):
-                    leaf_key = None if key is None else jax.random.fold_in(key, j)
-                    new.append(config.positions(lays[i], x, density, leaf_key))
-            else:
-                new = selection.select_global_masks(
-                    xs, density, criterion=config.criterion, key=key
+    def _select(
+        self, t: _Leaves, xs: list[jax.Array], groups: list[list[int]], density: Any, key: Any
+    ) -> list:
+        """New selections of all sparse leaves (positions, or masks for ``"global"``).
+
+        A group of same-shaped leaves is stacked (a copy bounded by
+        :data:`_GROUP_ENTRIES`) and selected by one loop over it, so compile time grows
+        with the number of distinct shapes rather than leaves, and the selection's
+        scratch memory is that of one leaf.
+        """
+        if not self.compact:
+            return selection.select_global_masks(
+                xs, density, criterion=self.config.criterion, key=key
+            )
+        out: list[Any] = [None] * len(xs)
+        for members in groups:
+            lay = t.lays[t.sparse[members[0]]]
+
+            def positions(x, ordinal, lay=lay):
+                leaf_key = None if key is None else jax.random.fold_in(key, ordinal)
+                return self.config.positions(lay, x, density, leaf_key)
+
+            if len(members) == 1:
+                out[members[0]] = positions(xs[members[0]], members[0])
+                continue
+            stacked = jnp.stack([xs[j] for j in members])
+            ordinals = jnp.asarray(members, jnp.int32)
+
+            def body(m, acc, stacked=stacked, ordinals=ordinals, positions=positions):
+                return acc.at[m].set(positions(stacked[m], ordinals[m]))
+
+            acc = jnp.broadcast_to(
+                jnp.zeros_like(stacked[..., :1], dtype=lay.index_dtype),
+                (*stacked.shape[:-1], lay.capacity),
+            )
+            acc = jax.lax.fori_loop(0, len(members), body, acc)
+            for m, j in enumerate(members):
+                out[j] = acc[m]
+        return out
+
+    def _carry(
+        self, t: _Leaves, old: list, new: list, groups: list[list[int]], inner_state: Any
+    ) -> Any:
+        """``refresh_policy="keep"``: move the inner state to the new selection."""
+        if self.compact:
+            plans: dict[int, Any] = {}
+            for members in groups:
+                chunk = t.lays[t.sparse[members[0]]].chunk
+                if len(members) == 1:
+                    j = members[0]
+                    plans[t.sparse[j]] = refresh.carry_plan(old[j], new[j], chunk)
+                    continue
+                slot, found = refresh.carry_plan(
+                    jnp.stack([old[j] for j in members]),
+                    jnp.stack([new[j] for j in members]),
+                    chunk,
                 )
-            new_sel = _subtree(sdef, n, list(zip(sparse, new)))
-            if refresh_policy == "reset":
-                fresh = inner.init(
-                    _subtree(
-                        sdef,
-                        n,
-                        [(i, jnp.zeros(s.shape, s.dtype)) for i, s in zip(sparse, vec_shapes)],
-                    )
-                )
-                fresh = jax.tree.map(
-                    lambda f, o: f.astype(o.dtype), moments.store(fresh), inner_state
-                )
-                return new_sel, fresh
-            new_flat = sdef.flatten_up_to(new_sel)
+                for m, j in enumerate(members):
+                    plans[t.sparse[j]] = (slot[m], found[m])
 
             def move(value, i):
-                if compact:
-                    return refresh.carry_positions(old[i], new_flat[i], value, lays[i].chunk)
-                return jnp.where(old[i] & new_flat[i], value, jnp.zeros((), value.dtype))
+                return refresh.carry_positions(value, plans[i])
+        else:
+            both = {i: o & nw for i, o, nw in zip(t.sparse, old, new)}
 
-            index_tree = _subtree(sdef, n, [(i, i) for i in sparse])
-            return new_sel, _map_inner_state(inner, move, inner_state, index_tree)
+            def move(value, i):
+                return jnp.where(both[i], value, jnp.zeros((), value.dtype))
 
-        vec_shapes = [
-            jax.ShapeDtypeStruct(
-                lays[i].state_shape if compact else leaves[i].shape, leaves[i].dtype
-            )
-            for i in sparse
+        index_tree = t.state_tree([(i, i) for i in t.sparse])
+        return _map_inner_state(self.inner, move, inner_state, index_tree)
+
+    def _fresh(self, t: _Leaves, inner_state: Any) -> Any:
+        """``refresh_policy="reset"``: a new inner state (in the stored dtypes)."""
+        shapes = [
+            (i, jnp.zeros(t.lays[i].state_shape if self.compact else t.leaves[i].shape))
+            for i in t.sparse
         ]
+        zeros = [(i, z.astype(t.leaves[i].dtype)) for i, z in shapes]
+        fresh = self.moments.store(self.inner.init(t.state_tree(zeros)))
+        return jax.tree.map(lambda f, o: f.astype(o.dtype), fresh, inner_state)
+
+    def _refresh(self, t: _Leaves, op: Any) -> tuple[Any, Any]:
+        (xs, density, step, seed), (selected, inner_state) = op
+        old = [t.sdef.flatten_up_to(selected)[i] for i in t.sparse]
+        groups = self._groups(t, xs) if self.compact else []
+        new = self._select(t, xs, groups, density, self.config.key(step, seed))
+        new_selected = t.state_tree(list(zip(t.sparse, new)))
+        if self.policy == "reset":
+            return new_selected, self._fresh(t, inner_state)
+        return new_selected, self._carry(t, old, new, groups, inner_state)
+
+    # -- update -----------------------------------------------------------------------
+
+    def _sparse_step(self, t: _Leaves, updates: list, selected: Any, inner_state: Any, kw: dict):
+        """Gather -> inner -> scatter for the sparse leaves."""
+        sel = t.sdef.flatten_up_to(selected)
+        padded = self.config.padded()
+        if self.compact:
+            g = [(i, layout.take_rows(t.view(i, updates[i]), sel[i], padded)) for i in t.sparse]
+            p = [(i, layout.take_rows(t.view(i, t.leaves[i]), sel[i], padded)) for i in t.sparse]
+        else:
+            g = [
+                (i, jnp.where(sel[i], updates[i], jnp.zeros((), updates[i].dtype)))
+                for i in t.sparse
+            ]
+            p = [(i, t.leaves[i]) for i in t.sparse]
+        u_vecs, inner_state = self.inner.update(
+            t.state_tree(g), self.moments.load(inner_state), t.state_tree(p), **kw
+        )
+        u_flat = t.sdef.flatten_up_to(u_vecs)
+        out = {}
+        for i in t.sparse:
+            u = updates[i]
+            if self.compact:
+                zeros = jnp.zeros_like(t.view(i, u))
+                out[i] = t.lays[i].unview(layout.scatter_add_rows(zeros, sel[i], u_flat[i]), u)
+            else:
+                out[i] = jnp.where(sel[i], u_flat[i], 0).astype(u.dtype)
+        return out, self.moments.store(inner_state)
+
+    def _dense_step(self, t: _Leaves, updates: Any, inner_state: Any, kw: dict):
+        """The inner transformation on the dense leaves, with their metadata boxes (so
+        their full-size state is laid out like the parameters)."""
+        box_updates = t.bdef.flatten_up_to(updates)
+        u_dense, inner_state = self.inner.update(
+            t.dense_tree(box_updates), self.moments.load(inner_state), t.dense_tree(t.boxes), **kw
+        )
+        flat = t.bdef.flatten_up_to(u_dense)
+        return {i: jax.tree.leaves(flat[i])[0] for i in t.dense}, self.moments.store(inner_state)
+
+    def update(self, updates: Any, state: SparseUpdateState, params: Any = None, **extra_args):
+        _require_params(params, "sparse_update")
+        t = _Leaves(self.config, params, self.compact, stored=state.selected)
+        flat_updates = t.treedef.flatten_up_to(updates)
+        step = state.sparse_step
+        density = self.config.density_fn(step)
+        due = refresh.refresh_due(step, self.config.mask_interval, density, state.sparse_density)
+        kw = {**extra_args, STEP_ARG: step}
         selected, sparse_state = state.selected, state.sparse_inner_state
-        if sparse:
+        out: list[Any] = [_zero_update(u) for u in flat_updates]
+        if t.sparse:
+            xs = [t.view(i, t.leaves[i]) for i in t.sparse]
             selected, sparse_state = refresh.cond(
                 due,
-                do_refresh,
+                lambda op: self._refresh(t, op),
                 lambda op: op[1],
-                (
-                    (views(leaves), density, step, config.seed),
-                    (state.selected, state.sparse_inner_state),
-                ),
+                ((xs, density, step, self.config.seed), (selected, sparse_state)),
             )
-        out: list[Any] = [None] * n
-        if sparse:
-            sel_flat = sdef.flatten_up_to(selected)
-            padded = config.padded()
-            if compact:
-                g = [
-                    (i, layout.take_rows(lays[i].view(flat_updates[i]), sel_flat[i], padded))
-                    for i in sparse
-                ]
-                p = [
-                    (i, layout.take_rows(lays[i].view(leaves[i]), sel_flat[i], padded))
-                    for i in sparse
-                ]
-            else:
-                g = [
-                    (
-                        i,
-                        jnp.where(
-                            sel_flat[i], flat_updates[i], jnp.zeros((), flat_updates[i].dtype)
-                        ),
-                    )
-                    for i in sparse
-                ]
-                p = [(i, leaves[i]) for i in sparse]
-            u_vecs, sparse_state = inner.update(
-                _subtree(sdef, n, g),
-                moments.load(sparse_state),
-                _subtree(sdef, n, p),
-                **extra_args,
-                **step_arg,
+            sparse_out, sparse_state = self._sparse_step(
+                t, flat_updates, selected, sparse_state, kw
             )
-            sparse_state = moments.store(sparse_state)
-            u_flat = sdef.flatten_up_to(u_vecs)
-            for i in sparse:
-                u = flat_updates[i]
-                if compact:
-                    zeros = jnp.zeros_like(lays[i].view(u))
-                    out[i] = lays[i].unview(
-                        layout.scatter_add_rows(zeros, sel_flat[i], u_flat[i]), u
-                    )
-                else:
-                    out[i] = jnp.where(sel_flat[i], u_flat[i], 0).astype(u.dtype)
+            for i, u in sparse_out.items():
+                out[i] = u
         dense_state = state.dense_inner_state
-        if dense:
-            # Dense leaves keep their metadata boxes (e.g. nnx sharding annotations), so
-            # their full-size state is laid out like the parameters.
-            bdef, boxes = _boxes(params)
-            box_updates = bdef.flatten_up_to(updates)
-            u_dense, dense_state = inner.update(
-                _subtree(bdef, n, [(i, box_updates[i]) for i in dense]),
-                moments.load(dense_state),
-                _subtree(bdef, n, [(i, boxes[i]) for i in dense]),
-                **extra_args,
-                **step_arg,
-            )
-            dense_state = moments.store(dense_state)
-            u_dense_flat = bdef.flatten_up_to(u_dense)
-            for i in dense:
-                out[i] = jax.tree.leaves(u_dense_flat[i])[0].astype(flat_updates[i].dtype)
-        for i, lab in enumerate(labels_):
-            if lab == FROZEN:
-                out[i] = _zero_update(flat_updates[i])
+        if t.dense:
+            dense_out, dense_state = self._dense_step(t, updates, dense_state, kw)
+            for i, u in dense_out.items():
+                out[i] = u.astype(flat_updates[i].dtype)
         new_state = SparseUpdateState(
             sparse_step=optax.safe_int32_increment(step),
             sparse_density=density,
@@ -951,6 +1041,4 @@ def sparse_update(
             sparse_inner_state=sparse_state,
             dense_inner_state=dense_state,
         )
-        return jax.tree_util.tree_unflatten(treedef, out), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        return jax.tree_util.tree_unflatten(t.treedef, out), new_state
