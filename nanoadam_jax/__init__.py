@@ -12,8 +12,17 @@ Example:
 
 from nanoadam_jax import labels, layout, refresh, schedules, selection, transform
 from nanoadam_jax.alias import nanoadam, nanoadamw
-from nanoadam_jax.labels import DENSE, FROZEN, SPARSE, default_labels, label_params, path_names
+from nanoadam_jax.labels import (
+    DENSE,
+    FROZEN,
+    SPARSE,
+    default_labels,
+    find_heads,
+    label_params,
+    path_names,
+)
 from nanoadam_jax.layout import SelectionDimensionNumbers
+from nanoadam_jax.plan import LeafPlan, Plan, plan
 from nanoadam_jax.schedules import constant_density, linear_density_decay
 from nanoadam_jax.selection import (
     bottom_k_mask,
@@ -38,14 +47,17 @@ __version__ = "0.1.0"
 __all__ = [
     "DENSE",
     "FROZEN",
+    "LeafPlan",
     "SPARSE",
     "SelectionDimensionNumbers",
     "MagnitudeMaskState",
     "MaskedApplyState",
+    "Plan",
     "SparseUpdateState",
     "bottom_k_mask",
     "constant_density",
     "default_labels",
+    "find_heads",
     "kth_smallest_key",
     "label_params",
     "labels",
@@ -58,6 +70,7 @@ __all__ = [
     "nanoadamw",
     "num_selected",
     "path_names",
+    "plan",
     "refresh",
     "schedules",
     "select_global_masks",

@@ -1,0 +1,250 @@
+"""The plan: what NanoAdam will do to each leaf, before any training (or any weights).
+
+:func:`plan` takes parameters (arrays or ``jax.ShapeDtypeStruct``) and the optimizer's
+selection arguments and returns (and prints) one row per leaf: its label, the layer axes
+and chunking it gets, how many entries it trains per refresh, and what its optimizer
+state costs, with totals against ``optax.adamw``'s state. The numbers come from the same
+code that builds the state (``jax.eval_shape`` of :func:`~nanoadam_jax.nanoadam`'s
+``init``), so they are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nanoadam_jax import labels as labels_lib
+from nanoadam_jax import layout, transform
+from nanoadam_jax.alias import nanoadam
+from nanoadam_jax.selection import num_selected_static
+
+__all__ = ["LeafPlan", "Plan", "plan"]
+
+
+class LeafPlan(NamedTuple):
+    """One leaf of a :class:`Plan`.
+
+    Attributes:
+      path: the leaf's key path as a string.
+      shape: its shape.
+      label: ``"sparse"``, ``"dense"`` or ``"frozen"``.
+      layer_axes: axes selected independently (stacked layers); ``()`` if none.
+      chunk: entries per chunk (sparse leaves; 0 otherwise).
+      chunks: number of chunks (all layers).
+      trained: entries updated per step (``k`` per chunk times chunks; all entries of a
+        dense leaf; 0 when frozen).
+      state_bytes: NanoAdam's optimizer-state bytes for this leaf.
+      adamw_bytes: ``optax.adamw``'s state bytes for this leaf.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    label: str
+    layer_axes: tuple[int, ...]
+    chunk: int
+    chunks: int
+    trained: int
+    state_bytes: int
+    adamw_bytes: int
+
+
+class Plan(NamedTuple):
+    """The result of :func:`plan`; ``str(plan)`` is the table.
+
+    Attributes:
+      leaves: one :class:`LeafPlan` per parameter leaf.
+      state_bytes: NanoAdam's total optimizer-state bytes (incl. the step counters).
+      adamw_bytes: ``optax.adamw``'s total state bytes.
+      notes: warnings about the model (e.g. no output head recognised).
+    """
+
+    leaves: list[LeafPlan]
+    state_bytes: int
+    adamw_bytes: int
+    notes: list[str]
+
+    def __str__(self) -> str:
+        head = ("leaf", "shape", "label", "layers", "chunk", "trained", "state", "adamw")
+        rows = [head]
+        for leaf in self.leaves:
+            rows.append(
+                (
+                    leaf.path,
+                    "x".join(map(str, leaf.shape)) or "()",
+                    leaf.label,
+                    ",".join(map(str, leaf.layer_axes)) or "-",
+                    f"{leaf.chunk} x{leaf.chunks}" if leaf.chunk else "-",
+                    f"{leaf.trained:,}",
+                    _bytes(leaf.state_bytes),
+                    _bytes(leaf.adamw_bytes),
+                )
+            )
+        total = sum(math.prod(leaf.shape) for leaf in self.leaves)
+        trained = sum(leaf.trained for leaf in self.leaves)
+        rows.append(
+            (
+                "total",
+                f"{total:,}",
+                "",
+                "",
+                "",
+                f"{trained:,}",
+                _bytes(self.state_bytes),
+                _bytes(self.adamw_bytes),
+            )
+        )
+        widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
+        lines = []
+        for n, r in enumerate(rows):
+            cells = [r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])]
+            lines.append("  ".join(cells).rstrip())
+            if n == 0 or n == len(rows) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        ratio = self.state_bytes / self.adamw_bytes if self.adamw_bytes else float("nan")
+        lines.append(f"optimizer state: {ratio:.3f}x optax.adamw's")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def plan(
+    params: Any,
+    density: transform.Density = 0.1,
+    *,
+    scope: str = "chunk",
+    chunk_size: int | None = None,
+    labels: labels_lib.Labels = None,
+    dimension_numbers: transform.DimensionNumbers = None,
+    layer_axis_names: Sequence[str] = layout.LAYER_AXIS_NAMES,
+    max_density: float | None = None,
+    moment_dtype: Any | None = None,
+    mu_dtype: Any | None = None,
+    show: bool = True,
+) -> Plan:
+    """What :func:`~nanoadam_jax.nanoadam` will train and store, per leaf, before training.
+
+    Works on ``jax.ShapeDtypeStruct`` trees (plan a 7B model without its weights; give
+    the structs a ``sharding`` to see the chunking a mesh gets) and on Flax NNX states
+    (``nnx.state(model, nnx.Param)``, whose metadata marks stacked layers).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> params = {"Dense_0": {"kernel": jax.ShapeDtypeStruct((512, 256), jnp.float32)},
+      ...           "head": {"kernel": jax.ShapeDtypeStruct((256, 10), jnp.float32)}}
+      >>> p = nanoadam.plan(params, density=0.1, show=False)
+      >>> [(leaf.path, leaf.label, leaf.trained) for leaf in p.leaves]
+      [("['Dense_0']['kernel']", 'sparse', 13104), ("['head']['kernel']", 'dense', 2560)]
+      >>> round(p.state_bytes / p.adamw_bytes, 3)
+      0.142
+
+    Args:
+      params: parameters, or ``jax.ShapeDtypeStruct``s.
+      density, scope, chunk_size, labels, dimension_numbers, layer_axis_names,
+      max_density, moment_dtype: as in :func:`~nanoadam_jax.sparse_update`.
+      mu_dtype: as in :func:`~nanoadam_jax.nanoadam`.
+      show: print the table.
+
+    Returns:
+      A :class:`Plan` (``str(plan)`` is the printed table).
+    """
+    tx = nanoadam(
+        1e-3,
+        density,
+        scope=scope,
+        chunk_size=chunk_size,
+        labels=labels,
+        dimension_numbers=dimension_numbers,
+        layer_axis_names=layer_axis_names,
+        max_density=max_density,
+        moment_dtype=moment_dtype,
+        mu_dtype=mu_dtype,
+    )
+    full_state = jax.eval_shape(tx.init, params)
+    state = full_state[0]
+    adamw = jax.eval_shape(optax.adamw(1e-3, mu_dtype=mu_dtype).init, params)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat_labels = treedef.flatten_up_to(labels_lib.label_params(params, labels))
+    sdef, boxes = transform._boxes(params)
+    compact = scope != "global"
+    selected = (sdef if compact else treedef).flatten_up_to(state.selected)
+    config = transform._Config(
+        density, 1, scope, chunk_size, "smallest", labels, 0, max_density,
+        dimension_numbers, layer_axis_names,
+    )  # fmt: skip
+    layer_axes = config.batch_axes(params, boxes, at_init=True)
+    rows = []
+    for i, ((path, leaf), label) in enumerate(zip(leaves_with_path, flat_labels)):
+        shape = tuple(leaf.shape)
+        n = math.prod(shape)
+        dtype = jnp.dtype(leaf.dtype)
+        mu_bytes = jnp.dtype(moment_dtype or mu_dtype or dtype).itemsize
+        nu_bytes = jnp.dtype(moment_dtype or dtype).itemsize
+        chunk = chunks = 0
+        if label == labels_lib.SPARSE:
+            sel = selected[i]
+            slots = math.prod(sel.shape)
+            own = slots * (mu_bytes + nu_bytes + jnp.dtype(sel.dtype).itemsize)
+            if compact:
+                chunks = math.prod(sel.shape[:-1])
+                chunk = n // chunks if chunks else 0
+                trained = chunks * _k_now(config, chunk, sel.shape[-1])
+            else:
+                trained = _k_now(config, n, n)
+        elif label == labels_lib.DENSE:
+            own, trained = n * (mu_bytes + nu_bytes), n
+        else:
+            own, trained = 0, 0
+        adamw_leaf = n * (jnp.dtype(mu_dtype or dtype).itemsize + dtype.itemsize)
+        rows.append(
+            LeafPlan(
+                path=jax.tree_util.keystr(path),
+                shape=shape,
+                label=label,
+                layer_axes=tuple(layer_axes[i]) if label == labels_lib.SPARSE else (),
+                chunk=chunk,
+                chunks=chunks,
+                trained=trained,
+                state_bytes=own,
+                adamw_bytes=adamw_leaf,
+            )
+        )
+    notes = []
+    if any(label == labels_lib.SPARSE for label in flat_labels) and not labels_lib.find_heads(
+        params, labels
+    ):
+        notes.append(
+            "no output head recognised by name: every leaf is sparse or a norm. If the model "
+            "has a head (e.g. a Linen `Dense_3`, or an embedding tied to the output), label "
+            "it 'dense' with `labels=` (see nanoadam_jax.labels)."
+        )
+    result = Plan(rows, _nbytes(full_state), _nbytes(adamw), notes)
+    if show:
+        print(result)
+    return result
+
+
+def _k_now(config: Any, chunk: int, capacity: int) -> int:
+    """Entries per chunk at the density given (capped at the capacity)."""
+    density = config.density
+    if callable(density):
+        density = density(0)
+    try:
+        return min(num_selected_static(chunk, float(density)), capacity)
+    except (TypeError, jax.errors.ConcretizationTypeError):  # a traced density
+        return capacity
