@@ -1,17 +1,14 @@
-"""Smoke tests of the text examples: continual learning, why-small-weights and the Colab notebook.
+"""Smoke tests of the text examples: continual learning and why-small-weights.
 
-The two scripts run in-process with ``--smoke`` (1 encoder layer, tiny data, a few steps). The
-notebook's code cells are executed in order in one namespace, in a subprocess with
-``NANOADAM_SMOKE=1`` on 2 host CPU devices (so the data-parallel sharding is really exercised),
-with ``!``/``%`` lines skipped. Everything is skipped cleanly when the offline assets are missing.
+The two scripts run in-process with ``--smoke`` (1 encoder layer, tiny data, a few steps).
+Everything is skipped cleanly when the offline assets are missing. The Colab notebook is tested in
+``tests/test_notebook.py``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,8 +19,6 @@ sys.path.insert(0, str(REPO / "examples"))
 
 from common import assets  # noqa: E402
 from test_examples_smoke import assert_help_states_defaults_once, assert_provenance  # noqa: E402
-
-NOTEBOOK = REPO / "examples" / "colab_finetune.ipynb"
 
 
 def _require(*names: str) -> None:
@@ -124,59 +119,3 @@ def test_help(module, capsys):
     for flag in ("--smoke", "--out", "--seed", "--steps", "--num-layers"):
         assert flag in out
     assert_help_states_defaults_once(out)
-
-
-def test_notebook_is_generated_by_make_notebook():
-    import make_notebook
-
-    assert NOTEBOOK.read_text() == make_notebook.notebook_json(), (
-        "examples/colab_finetune.ipynb is stale: run python examples/make_notebook.py"
-    )
-    nb = json.loads(NOTEBOOK.read_text())
-    assert nb["nbformat"] == 4
-    sources = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    assert 'os.environ.get("NANOADAM_SMOKE") == "1"' in sources[0]
-
-
-# Executes the notebook's code cells in one namespace, skipping shell (!) and magic (%) lines.
-_RUNNER = r"""
-import json, sys
-nb = json.load(open(sys.argv[1]))
-ns = {"__name__": "__main__"}
-for i, cell in enumerate(nb["cells"]):
-    if cell["cell_type"] != "code":
-        continue
-    lines = [l for l in "".join(cell["source"]).splitlines()
-             if not l.lstrip().startswith(("!", "%"))]
-    print(f"--- cell {i}", flush=True)
-    exec(compile("\n".join(lines) + "\n", f"<cell {i}>", "exec"), ns)
-print("NOTEBOOK OK")
-"""
-
-
-def test_notebook_runs_in_smoke_mode():
-    _require("minilm", "rotten_tomatoes")
-    env = dict(os.environ)
-    env.update(
-        NANOADAM_SMOKE="1",
-        NANOADAM_SKIP_INSTALL="1",
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        MPLBACKEND="Agg",
-        TQDM_DISABLE="1",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUNNER, str(NOTEBOOK)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "NOTEBOOK OK" in proc.stdout
-    assert "SMOKE = True" in proc.stdout
-    assert "2 device(s)" in proc.stdout
-    assert "over 2 device(s); parameters replicated: True" in proc.stdout, out[-4000:]
-    assert "held-out accuracy" in proc.stdout
