@@ -135,9 +135,12 @@ def carry_plan(old: jax.Array, new: jax.Array, chunk: int) -> tuple[jax.Array, j
     return jnp.maximum(hit - 1, 0), hit > 0
 
 
-def carry_positions(values: jax.Array, plan: tuple[jax.Array, jax.Array]) -> jax.Array:
+def carry_positions(
+    values: jax.Array, plan: tuple[jax.Array, jax.Array], fresh: jax.Array | None = None
+) -> jax.Array:
     """Values of a compact buffer moved to the new selection (see :func:`carry_plan`): an
-    entry in both selections keeps its value; an entry only in the new one gets zero.
+    entry in both selections keeps its value; an entry only in the new one gets its
+    ``fresh`` value (zero if None).
 
     Example:
       >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
@@ -149,4 +152,4 @@ def carry_positions(values: jax.Array, plan: tuple[jax.Array, jax.Array]) -> jax
     if values.shape[-1] == 0:
         return values
     moved = take_rows(values, slot, padded=False)
-    return jnp.where(found, moved, jnp.zeros((), values.dtype))
+    return jnp.where(found, moved, jnp.zeros((), values.dtype) if fresh is None else fresh)

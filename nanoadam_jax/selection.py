@@ -5,16 +5,17 @@ Everything that decides *which* entries NanoAdam updates lives here:
 * :func:`num_selected` turns a density into a count ``k`` (the rounding rule).
 * :func:`selection_keys` turns weights into sortable ``uint32`` keys for a
   criterion (smallest ``|w|``, largest ``|w|`` or random).
-* :func:`bottom_k_mask` picks exactly ``k`` smallest keys per row, breaking ties
-  by flat index, with an exact 32-pass bisection on the key bits (no sort).
-* :func:`select_mask` (per leaf or per block) and :func:`select_global_masks`
-  (one threshold over many leaves) combine the three.
-* :func:`leaf_bottom_k_indices` gives one leaf's selected positions directly (the compact
-  layout's refresh): the same threshold found two bits per pass, with chunked scratch.
+* :func:`chunk_positions` gives the sorted positions of the ``k`` smallest keys of
+  every chunk (the optimizer's refresh), by an exact per-row threshold search.
+* :func:`bottom_k_mask` picks exactly ``k`` smallest keys per row as a mask (the same
+  rule, for the masking transformations).
+* :func:`select_mask` (per chunk or per layer matrix) and :func:`select_global_masks`
+  (one threshold over many leaves) combine them.
 
-The rule, in words: *the trainable set of a tensor is the k entries with the
-smallest key; among equal keys the one with the smaller flat (row-major) index
-wins.* The selection uses no gradient.
+The rule, in words: *the trainable set of a chunk is the k entries with the
+smallest key; among equal keys the one with the smaller position in the chunk
+(row-major order) wins.* The selection uses no gradient. How tensors are cut into
+chunks is :mod:`nanoadam_jax.layout`'s business.
 
 Numerical conventions (documented and tested):
 
@@ -40,7 +41,6 @@ import numpy as np
 __all__ = [
     "CRITERIA",
     "METHODS",
-    "SCOPES",
     "bottom_k_mask",
     "kth_smallest_key",
     "num_selected",
@@ -49,10 +49,6 @@ __all__ = [
     "selection_keys",
 ]
 
-#: Accepted values of ``scope``: one threshold per leaf (the paper), per fixed-size
-#: block of the flattened leaf (what the paper's code does), or one threshold over
-#: all sparse leaves together.
-SCOPES = ("leaf", "block", "global")
 #: Accepted values of ``criterion``.
 CRITERIA = ("smallest", "largest", "random")
 #: Accepted values of ``method`` (how the k smallest keys are found).
@@ -331,65 +327,39 @@ def bottom_k_mask(keys: jax.Array, k: jax.Array, method: str = "bisection") -> j
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _as_rows(flat: jax.Array, cols: int, fill: jax.Array) -> jax.Array:
-    """Pad a flat array to a multiple of ``cols`` and reshape to ``(rows, cols)``."""
-    n = flat.shape[0]
-    rows = max(1, -(-n // cols))
-    pad = rows * cols - n
-    if pad:
-        flat = jnp.concatenate([flat, jnp.full((pad,), fill, flat.dtype)])
-    return flat.reshape(rows, cols)
-
-
-def block_layout(n: int, scope: str, block_size: int) -> tuple[int, int]:
-    """``(rows, cols)`` of the 2-D view used for selection of an ``n``-entry leaf.
-
-    Per leaf: one row of ``n``. Per block: ``ceil(n / block_size)`` rows of
-    ``block_size`` (the last one padded; padding is never selected).
-
-    Example:
-      >>> import nanoadam_jax as nanoadam
-      >>> nanoadam.selection.block_layout(10, "block", 4)
-      (3, 4)
-    """
-    if scope == "block" and n > block_size:
-        return -(-n // block_size), block_size
-    return 1, max(n, 1)
-
-
-def rows_selected(n: int, density: jax.typing.ArrayLike, scope: str, block_size: int) -> jax.Array:
-    """Per-row ``k`` for :func:`block_layout`: the rounding rule applied to each block.
-
-    Each full block of ``block_size`` entries selects ``num_selected(block_size, d)``;
-    the last, shorter block selects ``num_selected(len_last, d)``.
-
-    Example:
-      >>> import nanoadam_jax as nanoadam
-      >>> nanoadam.selection.rows_selected(10, 0.5, "block", 4).tolist()
-      [2, 2, 1]
-    """
-    rows, cols = block_layout(n, scope, block_size)
-    if rows == 1:
-        return num_selected(n, density)[None]
-    last = n - (rows - 1) * cols
-    full = num_selected(cols, density)
-    return jnp.concatenate([jnp.full((rows - 1,), full), num_selected(last, density)[None]])
+def layout_mask(
+    lay: Any,
+    x: jax.Array,
+    density: jax.typing.ArrayLike,
+    criterion: str = "smallest",
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean mask of ``x``'s selected entries for a :class:`~nanoadam_jax.layout.LeafLayout`
+    (exactly ``num_selected(chunk, density)`` per chunk, ties by position)."""
+    if x.size == 0:
+        return jnp.zeros(x.shape, bool)
+    keys = selection_keys(lay.view(x), criterion, key)
+    k = num_selected(lay.chunk, density)
+    rows = keys.reshape(-1, lay.chunk)
+    mask = bottom_k_mask(rows, jnp.broadcast_to(k, (rows.shape[0],)))
+    return lay.unview(mask.reshape(keys.shape))
 
 
 def select_mask(
     x: jax.Array,
     density: jax.typing.ArrayLike,
     *,
-    scope: str = "leaf",
-    block_size: int = 4096,
+    scope: str = "chunk",
+    chunk_size: int | None = None,
+    layer_axes: Sequence[int] = (),
     criterion: str = "smallest",
     key: jax.Array | None = None,
-    method: str = "bisection",
 ) -> jax.Array:
-    """Boolean mask of the selected entries of one weight tensor.
+    """Boolean mask of the selected entries of one weight tensor (the optimizer's rule).
 
-    Exactly :func:`num_selected` entries per leaf (``scope="leaf"``) or per block
-    of ``block_size`` flattened entries (``scope="block"``).
+    Exactly :func:`num_selected` entries per chunk (``scope="chunk"``, chunks as in
+    :mod:`nanoadam_jax.layout`) or per layer matrix (``scope="leaf"``); ``layer_axes`` are
+    selected independently.
 
     Example:
       >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
@@ -400,51 +370,21 @@ def select_mask(
     Args:
       x: the weights.
       density: fraction in ``(0, 1]`` (may be traced).
-      scope: ``"leaf"`` or ``"block"`` (use :func:`select_global_masks` for global).
-      block_size: entries per block for ``scope="block"``.
+      scope: ``"chunk"`` or ``"leaf"`` (use :func:`select_global_masks` for global).
+      chunk_size: target chunk length (None: the default).
+      layer_axes: axes whose every index is selected on its own.
       criterion: one of :data:`CRITERIA`.
       key: PRNG key for ``criterion="random"``.
-      method: one of :data:`METHODS`.
 
     Returns:
       A bool array with the shape of ``x``.
     """
-    if scope not in ("leaf", "block"):
-        raise ValueError(f"select_mask handles scope 'leaf' or 'block', got {scope!r}")
-    n = x.size
-    if n == 0:
-        return jnp.zeros(x.shape, bool)
-    if method == "bisection" and block_layout(n, scope, block_size)[0] == 1:
-        # One row: select on the leaf's own shape, so a sharded leaf is never relaid out.
-        keys = selection_keys(x, criterion, key)
-        return _bottom_k_nd(keys[None], num_selected(n, density)[None])[0]
-    sharding = _out_sharding(x)
-    if sharding is not None:
-        # Explicit sharding: the block view reshapes the flattened leaf, which explicit mode
-        # only allows for some layouts; let XLA partition it (local when blocks are
-        # shard-aligned, see the sharding guide).
-        def auto(y, d, kk):
-            return select_mask(
-                y, d, scope=scope, block_size=block_size, criterion=criterion, key=kk, method=method
-            )
+    from nanoadam_jax import layout  # layout builds on this module
 
-        return jax.sharding.auto_axes(auto, out_sharding=sharding)(x, density, key)
-    keys = selection_keys(x.reshape(-1), criterion, key)
-    _, cols = block_layout(n, scope, block_size)
-    keys2 = _as_rows(keys, cols, _MAX_KEY)
-    if isinstance(density, (int, float)) and not isinstance(density, bool):
-        # A static density gives a static k (numpy), usable by method="top_k" under jit.
-        rows, _ = block_layout(n, scope, block_size)
-        last = n - (rows - 1) * cols
-        k = np.array(
-            [num_selected_static(cols if rows > 1 else n, density)] * (rows - 1)
-            + [num_selected_static(last, density)],
-            np.int32,
-        )
-    else:
-        k = rows_selected(n, density, scope, block_size)
-    mask = bottom_k_mask(keys2, k, method)
-    return mask.reshape(-1)[:n].reshape(x.shape)
+    if scope not in ("chunk", "leaf"):
+        raise ValueError(f"select_mask handles scope 'chunk' or 'leaf', got {scope!r}")
+    lay = layout.leaf_layout(x.shape, batch_axes=layer_axes, scope=scope, chunk_size=chunk_size)
+    return layout_mask(lay, x, density, criterion, key)
 
 
 def select_global_masks(
@@ -516,90 +456,6 @@ def select_global_masks(
     surplus = count(lambda kk, _: kk == t) > need
     cut_at = jax.lax.cond(surplus, cut, lambda _: jnp.int32(total), None)
     return [(kk < t) | ((kk == t) & (pos < cut_at)) for kk, pos in zip(keys, positions)]
-
-
-def _chunk_size() -> int:
-    """Entries per chunk of :func:`leaf_bottom_k_indices` (its scratch memory)."""
-    return 1 << 16 if jax.default_backend() == "cpu" else 1 << 22
-
-
-def leaf_bottom_k_indices(x: jax.Array, k: jax.Array, kmax: int, fill: int) -> jax.Array:
-    """Sorted flat positions of the ``k`` smallest ``|x|`` (ties by index), padded to ``kmax``.
-
-    The same set as ``nonzero(select_mask(x, density), size=kmax, fill_value=fill)`` for
-    ``criterion="smallest"``, ``method="bisection"``, ``scope="leaf"``, with bounded scratch
-    memory: every pass (the 16 two-bit radix counts, the count below the threshold and the
-    extraction) walks the leaf one chunk at a time and recomputes the keys of that chunk,
-    so no ``n``-sized key, mask, count or cumsum buffer and no padded copy of the leaf is
-    ever live (XLA:CPU materialises the operand of a large integer sum; a chunk keeps
-    that buffer chunk-sized). The last chunk is read at ``n - c`` (clamped, never padded)
-    and skips the entries that the previous chunk already covered.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> leaf_bottom_k_indices(jnp.array([3.0, -1.0, 0.5, 2.0]), 2, 3, 4).tolist()
-      [1, 2, 4]
-    """
-    flat = x.reshape(-1)
-    n = flat.shape[0]
-    if n == 0:
-        return jnp.full((kmax,), fill, jnp.int32)
-    k = jnp.asarray(k, jnp.int32)
-    c = min(_chunk_size(), n)
-    n_chunks = -(-n // c)
-    offsets = jnp.arange(c, dtype=jnp.int32)
-
-    def chunk_keys(i):
-        """Keys of chunk ``i``, its first position, and which of its entries are new."""
-        start = jnp.minimum(i * c, n - c)
-        kc = selection_keys(jax.lax.dynamic_slice(flat, (start,), (c,)), "smallest")
-        return kc, start, start + offsets >= i * c
-
-    def count(pred, width=()):
-        def body(i, acc):
-            kc, _, new = chunk_keys(i)
-            return acc + jnp.sum(pred(kc) & new, axis=-1, dtype=jnp.int32)
-
-        zero = jnp.zeros(width, jnp.int32)
-        if n_chunks == 1:
-            return body(0, zero)
-        return jax.lax.fori_loop(0, n_chunks, body, zero)
-
-    def radix(p, prefix):
-        # The k-th smallest key, two bits per pass (16 passes, each counting three
-        # thresholds in one sweep of the leaf): the bucket ``prefix + [j, j + 1) << shift``
-        # holding it is the number of thresholds ``prefix + (j << shift) - 1`` (j = 1..3)
-        # with fewer than ``k`` keys at or below them.
-        shift = (30 - 2 * p).astype(jnp.uint32)
-        ts = prefix + (jnp.arange(1, 4, dtype=jnp.uint32) << shift) - 1
-        below = count(lambda kc: kc[None, :] <= ts[:, None], (3,))
-        return prefix + (jnp.sum(below < k, dtype=jnp.uint32) << shift)
-
-    t = jax.lax.fori_loop(0, 16, radix, jnp.uint32(0))
-    need = k - count(lambda kc: kc < t)
-
-    def extract(i, carry):
-        out, filled, ties_seen = carry
-        kc, start, new = chunk_keys(i)
-        below = (kc < t) & new
-        tie = (kc == t) & new
-        n_tie = jnp.sum(tie, dtype=jnp.int32)
-        # Ranking the ties (a cumsum) is only needed in the chunk where they run out.
-        take = jax.lax.cond(
-            ties_seen + n_tie <= need,
-            lambda: below | tie,
-            lambda: below | (tie & (ties_seen + jnp.cumsum(tie, dtype=jnp.int32) <= need)),
-        )
-        # Each taken entry's output slot is its running count; the others are dropped.
-        # (``associative_scan``: a log-depth prefix sum, cheaper than XLA:CPU's cumsum.)
-        slot = filled + jax.lax.associative_scan(jnp.add, take.astype(jnp.int32)) - 1
-        slot = jnp.where(take, slot, kmax)
-        out = out.at[slot].set(start + offsets, mode="drop", unique_indices=True)
-        return out, filled + jnp.sum(take, dtype=jnp.int32), ties_seen + n_tie
-
-    out = jnp.full((kmax,), fill, jnp.int32)
-    out, _, _ = jax.lax.fori_loop(0, n_chunks, extract, (out, jnp.int32(0), jnp.int32(0)))
-    return out
 
 
 def _order_keys(keys: jax.Array) -> jax.Array:

@@ -204,6 +204,8 @@ class _Config:
                 "chunk of `chunk_size` entries); pass chunk_size=... to set the length"
             )
         _checks.check_choice("scope", scope, SCOPES)
+        if scope != "chunk" and chunk_size is not None:
+            raise ValueError(f"`chunk_size` applies to scope='chunk' only, got scope={scope!r}")
         _checks.check_choice("criterion", criterion, selection.CRITERIA)
         if chunk_size is not None and _checks.is_concrete(chunk_size):
             chunk_size = _checks.check_static_positive_int("chunk_size", chunk_size)
@@ -446,11 +448,7 @@ def _mask_update(config: _Config, updates: Any, state: tuple[Any, ...], params: 
         out = []
         for j, (i, x) in enumerate(zip(sparse, xs)):
             leaf_key = None if key is None else jax.random.fold_in(key, j)
-            lay = lays[i]
-            keys = selection.selection_keys(lay.view(x), config.criterion, leaf_key)
-            rows = keys.reshape(-1, lay.chunk)
-            k = jnp.broadcast_to(selection.num_selected(lay.chunk, density), (rows.shape[0],))
-            out.append(lay.unview(selection.bottom_k_mask(rows, k).reshape(keys.shape)))
+            out.append(selection.layout_mask(lays[i], x, density, config.criterion, leaf_key))
         return out
 
     old = treedef.flatten_up_to(masks)
@@ -661,6 +659,19 @@ def _map_inner_state(
             "refresh_policy='keep' needs an inner transformation whose state can be mapped "
             "with optax.tree_utils.tree_map_params; use refresh_policy='reset'"
         ) from e
+
+
+def _param_arrays(inner: Any, state: Any, index_tree: Any) -> list[tuple[Any, int]]:
+    """``(array, leaf position)`` of every per-parameter array of ``inner``'s state, in
+    ``optax.tree_utils.tree_map_params`` order."""
+    found: list[tuple[Any, int]] = []
+
+    def collect(value, i):
+        found.append((value, i))
+        return value
+
+    _map_inner_state(inner, collect, state, index_tree)
+    return found
 
 
 def sparse_update(
@@ -919,33 +930,61 @@ class _SparseUpdate:
     def _carry(
         self, t: _Leaves, old: list, new: list, groups: list[list[int]], inner_state: Any
     ) -> Any:
-        """``refresh_policy="keep"``: move the inner state to the new selection."""
-        if self.compact:
-            plans: dict[int, Any] = {}
-            for members in groups:
-                chunk = t.lays[t.sparse[members[0]]].chunk
-                if len(members) == 1:
-                    j = members[0]
-                    plans[t.sparse[j]] = refresh.carry_plan(old[j], new[j], chunk)
-                    continue
-                slot, found = refresh.carry_plan(
-                    jnp.stack([old[j] for j in members]),
-                    jnp.stack([new[j] for j in members]),
-                    chunk,
-                )
-                for m, j in enumerate(members):
-                    plans[t.sparse[j]] = (slot[m], found[m])
+        """``refresh_policy="keep"``: move the inner state to the new selection.
 
-            def move(value, i):
-                return refresh.carry_positions(value, plans[i])
+        Entries that stay selected keep their values; entering entries take the values
+        of a fresh ``inner.init`` (zero for Adam's moments, 1e-6 for Yogi's). The moves
+        of a group of same-shaped leaves run as one stacked operation (compile time).
+        """
+        index_tree = t.state_tree([(i, i) for i in t.sparse])
+        # Pass 1: the per-leaf arrays of the inner state and of a fresh one, in the
+        # same (deterministic) traversal order.
+        seen = _param_arrays(self.inner, inner_state, index_tree)
+        fresh = [v for v, _ in _param_arrays(self.inner, self._fresh(t, inner_state), index_tree)]
+        if self.compact:
+            moved = self._carry_compact(t, old, new, groups, seen, fresh)
         else:
             both = {i: o & nw for i, o, nw in zip(t.sparse, old, new)}
+            moved = [jnp.where(both[i], v, f) for (v, i), f in zip(seen, fresh, strict=True)]
+        # Pass 2: put the moved arrays back in the same order.
+        results = iter(moved)
+        return _map_inner_state(self.inner, lambda v, i: next(results), inner_state, index_tree)
 
-            def move(value, i):
-                return jnp.where(both[i], value, jnp.zeros((), value.dtype))
-
-        index_tree = t.state_tree([(i, i) for i in t.sparse])
-        return _map_inner_state(self.inner, move, inner_state, index_tree)
+    def _carry_compact(self, t, old, new, groups, seen, fresh) -> list:
+        """The moved arrays of :meth:`_carry` for the compact layout, group by group."""
+        where = {
+            t.sparse[j]: (g, m) for g, members in enumerate(groups) for m, j in enumerate(members)
+        }
+        occurrence: dict[int, int] = {}
+        batches: dict[tuple[int, int], dict[int, tuple[Any, Any]]] = {}
+        order = []
+        for (value, i), fresh_value in zip(seen, fresh, strict=True):
+            occ = occurrence[i] = occurrence.get(i, -1) + 1
+            g, m = where[i]
+            batches.setdefault((occ, g), {})[m] = (value, fresh_value)
+            order.append((occ, g, m))
+        plans = []
+        for members in groups:
+            chunk = t.lays[t.sparse[members[0]]].chunk
+            if len(members) == 1:
+                plans.append(refresh.carry_plan(old[members[0]], new[members[0]], chunk))
+            else:
+                stacked_old = jnp.stack([old[j] for j in members])
+                stacked_new = jnp.stack([new[j] for j in members])
+                plans.append(refresh.carry_plan(stacked_old, stacked_new, chunk))
+        moved: dict[tuple[int, int, int], Any] = {}
+        for (occ, g), entries in batches.items():
+            size = len(groups[g])
+            if size == 1:
+                value, fresh_value = entries[0]
+                moved[(occ, g, 0)] = refresh.carry_positions(value, plans[g], fresh_value)
+                continue
+            values = jnp.stack([entries[m][0] for m in range(size)])
+            fresh_values = jnp.stack([entries[m][1] for m in range(size)])
+            out = refresh.carry_positions(values, plans[g], fresh_values)
+            for m in range(size):
+                moved[(occ, g, m)] = out[m]
+        return [moved[key] for key in order]
 
     def _fresh(self, t: _Leaves, inner_state: Any) -> Any:
         """``refresh_policy="reset"``: a new inner state (in the stored dtypes)."""
