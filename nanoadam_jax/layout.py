@@ -229,6 +229,42 @@ def scatter_add_rows(base: jax.Array, pos: jax.Array, values: jax.Array) -> jax.
     )
 
 
+def scatter_into_zeros(
+    lay: LeafLayout, like: jax.Array, pos: jax.Array, values: jax.Array, padded: bool
+) -> jax.Array:
+    """Zeros shaped like ``like`` with ``values`` added at the chunk positions ``pos``.
+
+    Indexes the leaf's own axes (positions unravelled to coordinates), so that XLA fuses
+    ``params + result`` into an in-place scatter-add. Padding positions are dropped.
+    """
+    if pos.shape[-1] == 0 or lay.size == 0:
+        return jnp.zeros_like(like)
+    row = jnp.arange(math.prod(lay.grid), dtype=jnp.int32).reshape((*lay.grid, 1))
+    p32 = pos.astype(jnp.int32)
+    flat = row * jnp.int32(lay.chunk) + p32
+    if padded:
+        flat = jnp.where(p32 < lay.chunk, flat, jnp.int32(lay.size))
+    perm = lay.permutation
+    shape = lay.shape if perm is None else tuple(lay.shape[a] for a in perm)
+    coords = jnp.unravel_index(flat, shape) if len(shape) > 1 else (flat,)
+    if perm is not None:
+        coords = tuple(coords[list(perm).index(a)] for a in range(len(shape)))
+    if padded:
+        # jnp.unravel_index clips: push padding out of range on the first axis instead.
+        first = jnp.where(p32 < lay.chunk, coords[0], jnp.int32(lay.shape[0]))
+        coords = (first, *coords[1:])
+    return (
+        jnp.zeros_like(like)
+        .at[coords]
+        .add(
+            values.astype(like.dtype),
+            indices_are_sorted=perm is None,
+            unique_indices=not padded,
+            mode="drop",
+        )
+    )
+
+
 def _divisors_up_to(s: int, limit: int) -> int:
     """The largest divisor of ``s`` that is ``<= limit`` (at least 1)."""
     best = 1

@@ -1009,7 +1009,16 @@ class _SparseUpdate:
     # -- update -----------------------------------------------------------------------
 
     def _sparse_step(self, t: _Leaves, updates: list, selected: Any, inner_state: Any, kw: dict):
-        """Gather -> inner -> scatter for the sparse leaves."""
+        """Gather -> inner -> scatter for the sparse leaves.
+
+        The update of a compact leaf is a scatter-add into zeros of the leaf's shape. On
+        one device it indexes the leaf directly, a form XLA fuses with the
+        ``optax.apply_updates`` that follows into an in-place scatter-add into the
+        parameters (no parameter-sized update buffer; about twice as fast on CPU). With
+        several devices it scatters row by row in the chunk view, which keeps a sharded
+        leaf's update local to each shard (the direct form would make XLA all-gather
+        the selected values).
+        """
         sel = t.sdef.flatten_up_to(selected)
         padded = self.config.padded()
         if self.compact:
@@ -1026,9 +1035,12 @@ class _SparseUpdate:
         )
         u_flat = t.sdef.flatten_up_to(u_vecs)
         out = {}
+        in_place = jax.device_count() == 1
         for i in t.sparse:
             u = updates[i]
-            if self.compact:
+            if self.compact and in_place:
+                out[i] = layout.scatter_into_zeros(t.lays[i], u, sel[i], u_flat[i], padded)
+            elif self.compact:
                 zeros = jnp.zeros_like(t.view(i, u))
                 out[i] = t.lays[i].unview(layout.scatter_add_rows(zeros, sel[i], u_flat[i]), u)
             else:

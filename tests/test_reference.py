@@ -193,7 +193,8 @@ def test_nanoadam_scopes_and_refresh_policies(scope, policy):
         density=0.1,
         mask_interval=INTERVAL,
         scope=scope,
-        chunk_size=C64,
+        # chunk_size applies to scope="chunk" only (an error elsewhere).
+        chunk_size=C64 if scope == "chunk" else None,
         refresh_policy=policy,
     )
     ref = NanoAdamReference(
@@ -470,7 +471,11 @@ def _selection_property(n_examples: int):
     def check(case):
         w, density, scope, chunk = case
         tx = nanoadam_jax.sparse_update(
-            optax.sgd(1.0), density=density, mask_interval=1, scope=scope, chunk_size=chunk
+            optax.sgd(1.0),
+            density=density,
+            mask_interval=1,
+            scope=scope,
+            chunk_size=chunk if scope == "chunk" else None,
         )
         params = {"w": jnp.asarray(w)}
         updates, _ = jax.jit(tx.update)({"w": jnp.ones_like(params["w"])}, tx.init(params), params)
