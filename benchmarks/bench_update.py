@@ -14,16 +14,21 @@ For each model size (a synthetic tree of 2-D leaves, see
   (its step counter set to 0, same executable), a normal NanoAdam step and an AdamW step;
   medians over repetitions. ``refresh_cost_adamw_steps = (refresh - normal) / adamw``:
   the extra time of one refresh in AdamW steps (spread over ``mask_interval`` steps).
-* **sizes**: ``FULL_PLAN`` (1M, 10M, 25M with every density and ``optax.adam`` too;
-  100M with one round, densities 0.01 and 0.1 and no ``optax.adam`` row, to bound the run
-  time on a 2-core machine) or ``QUICK_PLAN`` (1M).
-* **separate update buffer**: ``nanoadam-scatter d=0.1`` is ``nanoadam(...,
-  inplace_apply=False)``: the sparse update is scattered into a full-size zero buffer that
-  ``apply_updates`` adds, instead of the default scatter-add that XLA fuses with
-  ``apply_updates`` into the parameters.
+* **sizes**: ``FULL_PLAN`` (1M, 10M, 25M with every density, the variants and
+  ``optax.adam`` too; 100M with one round, densities 0.01 and 0.1 only, to bound the run
+  time on a 2-core machine) or ``QUICK_PLAN`` (1M, densities 0.01 and 0.1).
+* **variants** (density 0.1): ``nanoadam-bf16`` stores its moments in bfloat16
+  (``moment_dtype=jnp.bfloat16``, the paper's memory model; the update math stays
+  float32); ``nanoadam-leaf`` selects per leaf (``scope="leaf"``: exactly ``k`` of the
+  whole tensor, one chunk per leaf, ``int32`` positions) instead of per chunk.
+* **page faults**: minor page faults of the process per step of the timed windows
+  (``faults_per_step``). On XLA:CPU a program's scratch buffer is allocated for every
+  call; a large one (the refresh branch's scratch counts even on steps that skip it) is
+  mapped fresh each time, and every page touched is a fault.
 * **state bytes**: sum of ``nbytes`` over the optimizer state's leaves.
-  ``state_floor = 1.5 * density``: NanoAdam's two float32 moments plus an int32 index
-  per selected entry (12 bytes) over AdamW's 8 bytes per entry.
+  ``state_floor``: per selected entry the two moments (float32: 8 bytes, bfloat16: 4)
+  and one stored position (``uint16`` for chunks of at most 65535 entries, else
+  ``int32``), over AdamW's 8 bytes per entry: ``1.25 * d`` by default.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import nanoadam_jax as nanoadam
@@ -44,9 +50,13 @@ LR = 1e-3
 MASK_INTERVAL = 100
 STEPS = 100
 DENSITIES = (0.01, 0.05, 0.1, 0.5)
-#: ``nanoadam(..., inplace_apply=False)`` runs too, at this density (one more row per size).
-INPLACE_DENSITY = 0.1
-INPLACE_NAME = "nanoadam-scatter"
+#: Variants run at this density (one more row per size each, where the plan asks for them).
+VARIANT_DENSITY = 0.1
+#: name prefix -> (keyword arguments of ``nanoadam``, moment bytes, index bytes per entry)
+VARIANTS = {
+    "nanoadam-bf16": ({"moment_dtype": jnp.bfloat16}, 4, 2),
+    "nanoadam-leaf": ({"scope": "leaf"}, 8, 4),
+}
 
 
 @dataclass(frozen=True)
@@ -58,17 +68,25 @@ class Plan:
     refresh_reps: int
     densities: tuple[float, ...] = DENSITIES
     with_adam: bool = True
+    variants: bool = True
 
 
-#: The largest size gets one round, two densities and no ``optax.adam`` row: on the 2-core
-#: machine of issue 3 one window of 100 NanoAdam steps at 100M parameters takes minutes.
+#: The largest size gets one round, two densities, no variants and no ``optax.adam`` row: on
+#: a 2-core machine one window of 100 NanoAdam steps at 100M parameters takes minutes.
 FULL_PLAN = (
     Plan(1_000_000, rounds=5, refresh_reps=5),
     Plan(10_000_000, rounds=5, refresh_reps=5),
     Plan(25_000_000, rounds=3, refresh_reps=3),
-    Plan(100_000_000, rounds=1, refresh_reps=2, densities=(0.01, 0.1), with_adam=False),
+    Plan(
+        100_000_000,
+        rounds=1,
+        refresh_reps=2,
+        densities=(0.01, 0.1),
+        with_adam=False,
+        variants=False,
+    ),
 )
-QUICK_PLAN = (Plan(1_000_000, rounds=2, refresh_reps=2),)
+QUICK_PLAN = (Plan(1_000_000, rounds=2, refresh_reps=2, densities=(0.01, 0.1)),)
 
 COLUMNS = [
     ("size", "size"),
@@ -77,26 +95,37 @@ COLUMNS = [
     ("ratio_vs_adamw", "time / adamw"),
     ("state_bytes", "state bytes"),
     ("state_ratio_vs_adamw", "state / adamw"),
-    ("state_floor", "floor 1.5*d"),
+    ("state_floor", "floor"),
     ("refresh_step_ms", "refresh step ms"),
     ("normal_step_ms", "normal step ms"),
     ("refresh_cost_adamw_steps", "refresh cost (adamw steps)"),
+    ("faults_per_step", "page faults / step"),
     ("rounds", "rounds"),
     ("compile_s", "compile s"),
 ]
 
 
-def optimizers(densities: tuple[float, ...] = DENSITIES, with_adam: bool = True) -> dict[str, Any]:
+def optimizers(
+    densities: tuple[float, ...] = DENSITIES, with_adam: bool = True, variants: bool = True
+) -> dict[str, Any]:
     txs: dict[str, Any] = {"adamw": optax.adamw(LR)}
     if with_adam:
         txs["adam"] = optax.adam(LR)
     for d in densities:
         txs[f"nanoadam d={d:g}"] = nanoadam.nanoadam(LR, density=d, mask_interval=MASK_INTERVAL)
-    if INPLACE_DENSITY in densities:
-        txs[f"{INPLACE_NAME} d={INPLACE_DENSITY:g}"] = nanoadam.nanoadam(
-            LR, density=INPLACE_DENSITY, mask_interval=MASK_INTERVAL, inplace_apply=False
-        )
+    if variants and VARIANT_DENSITY in densities:
+        for prefix, (kwargs, _, _) in VARIANTS.items():
+            txs[f"{prefix} d={VARIANT_DENSITY:g}"] = nanoadam.nanoadam(
+                LR, density=VARIANT_DENSITY, mask_interval=MASK_INTERVAL, **kwargs
+            )
     return txs
+
+
+def floor_of(name: str, density: float) -> float:
+    """The state floor of a row (see the module docstring)."""
+    prefix = name.split(" ")[0]
+    _, moment_bytes, index_bytes = VARIANTS.get(prefix, (None, 8, 2))
+    return common.state_floor(density, moment_bytes, index_bytes)
 
 
 class Runner:
@@ -105,6 +134,7 @@ class Runner:
     def __init__(self, tx: Any, params: Any, grads: Any):
         self.tx = tx
         self.grads = grads
+        self.faults: list[float] = []
         self.params = common.copy_tree(params)
         self.state = tx.init(self.params)
         self.state_bytes = common.tree_nbytes(self.state)
@@ -119,12 +149,15 @@ class Runner:
         self.params, self.state = self.compiled(self.params, self.state, self.grads)
 
     def window(self, steps: int) -> float:
-        """Seconds per step over ``steps`` back-to-back updates."""
+        """Seconds per step over ``steps`` back-to-back updates (page faults counted)."""
+        f0 = common.minor_faults()
         t0 = time.perf_counter()
         for _ in range(steps):
             self.step()
         jax.block_until_ready((self.params, self.state))
-        return (time.perf_counter() - t0) / steps
+        seconds = (time.perf_counter() - t0) / steps
+        self.faults.append((common.minor_faults() - f0) / steps)
+        return seconds
 
     def single(self, refresh: bool = False) -> float:
         """Seconds of one blocked update (forced to refresh if asked)."""
@@ -148,12 +181,13 @@ def bench_size(
     densities: tuple[float, ...] = DENSITIES,
     steps: int = STEPS,
     with_adam: bool = True,
+    variants: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows for one model size."""
     params = common.synthetic_params(n_params, seed=0)
     key = jax.random.PRNGKey(1)
     grads = jax.tree.map(lambda p: 1e-3 * jax.random.normal(key, p.shape, p.dtype), params)
-    txs = optimizers(densities, with_adam)
+    txs = optimizers(densities, with_adam, variants)
     runners = {name: Runner(tx, params, grads) for name, tx in txs.items()}
     del params
 
@@ -195,7 +229,8 @@ def bench_size(
             ],
             "state_bytes": r.state_bytes,
             "state_ratio_vs_adamw": common.ratio(r.state_bytes, adamw_state),
-            "state_floor": 1.5 * density if nano else None,
+            "state_floor": floor_of(name, density) if nano else None,
+            "faults_per_step": common.median(r.faults),
             "compile_s": r.compile_s,
             "refresh_step_ms": None,
             "normal_step_ms": None,
@@ -226,5 +261,6 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             plan.refresh_reps,
             plan.densities,
             with_adam=plan.with_adam,
+            variants=plan.variants,
         )
     return rows

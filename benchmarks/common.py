@@ -6,6 +6,7 @@ import datetime
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -149,6 +150,35 @@ def copy_tree(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
 
+def shapes_of(tree: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` of every array leaf (to lower a function without data)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def hlo_instructions(compiled: Any) -> int:
+    """Instructions of a compiled executable's optimized HLO, every computation counted.
+
+    Counts the ``name = op(...)`` lines of ``compiled.as_text()`` (fused computations and
+    conditional branches included): a rough size of the program XLA built.
+    """
+    count = 0
+    for line in compiled.as_text().splitlines():
+        stripped = line.lstrip()
+        if stripped.startswith(("ROOT ", "%")) and " = " in stripped:
+            count += 1
+    return count
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (``getrusage``).
+
+    On XLA:CPU a program's scratch buffer is allocated for every call; above the
+    allocator's reuse threshold (tens of MiB) it comes fresh from the kernel and every
+    page the call touches is a page fault. Faults per step make that cost visible.
+    """
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
 # --------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------
@@ -189,6 +219,19 @@ def ratio(a: float, b: float) -> float | None:
 # --------------------------------------------------------------------------------------
 # Jitted training steps
 # --------------------------------------------------------------------------------------
+
+
+def lower_and_compile(fn: Callable[..., Any], *args: Any, donate: tuple[int, ...] = (0, 1)):
+    """``jax.jit(fn, donate_argnums=donate).lower(*args).compile()``, timed.
+
+    Returns ``(compiled, lower_s, compile_s)``: tracing and lowering to StableHLO, then
+    XLA's compilation, in seconds.
+    """
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, t1 - t0, time.perf_counter() - t1
 
 
 def update_step(tx: optax.GradientTransformation) -> Callable[..., Any]:
@@ -257,3 +300,15 @@ def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]])
             cells.append(fmt_bytes(v) if key.endswith("bytes") else fmt(v))
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, sep, *body]) + "\n"
+
+
+def state_floor(density: float, moment_bytes: int = 8, index_bytes: int = 2) -> float:
+    """NanoAdam's smallest state over AdamW's for one sparse leaf: per selected entry, the
+    two moments and one stored position, over AdamW's two float32 moments per entry.
+
+    The default layout (chunks of at most 16384 entries) stores ``uint16`` positions and
+    float32 moments: ``1.25 * density``; bfloat16 moments (``moment_dtype``) give
+    ``0.75 * density``; a chunk above 65535 entries (``scope="leaf"`` on a large leaf)
+    stores ``int32`` positions: ``1.5 * density``.
+    """
+    return (moment_bytes + index_bytes) / 8 * density

@@ -1,17 +1,21 @@
-"""Diagnostic: where NanoAdam's update time goes on XLA:CPU (not part of the suite).
+"""Diagnostic: what the refresh branch costs an ordinary NanoAdam step on this backend.
 
-Times one jitted, donated ``update + apply_updates`` step on the synthetic 25M-parameter
-tree of :mod:`benchmarks.bench_update` (d = 0.1, no refresh taken: ``mask_interval`` is
-larger than the run), side by side in one process, best of 3 windows of 30 steps:
+Times one jitted, donated ``update + apply_updates`` step on the synthetic tree of
+:mod:`benchmarks.bench_update` (default 25M parameters; d = 0.1; ``mask_interval`` larger
+than the run, so no refresh is taken after step 0), side by side in one process, best of
+3 windows of 30 steps:
 
 * ``optax.adamw``;
-* ``nanoadam`` (its default ``inplace_apply=True``) and ``nanoadam(inplace_apply=False)``;
-* the same two with the refresh ``jax.lax.cond`` removed from the program (``jax.lax.cond``
-  patched to call its false branch; the refresh can then never run, so this is a
-  diagnostic, not an optimizer).
+* ``nanoadam`` (the defaults: chunked selection, ``refresh_policy="keep"``);
+* ``nanoadam`` with the refresh conditional removed from the program
+  (``nanoadam_jax.refresh.cond`` patched to call its false branch: the selection can then
+  never run, so this is a diagnostic, not an optimizer).
 
-The gap between the last rows and the middle ones is the per-step cost of having the
-refresh branch in the program on this backend. Usage::
+The gap between the last two rows is the per-step cost of having the refresh branch in the
+program. Each row also gives the compiled program's scratch size (``memory_analysis``) and
+the process's minor page faults per step: on XLA:CPU the scratch buffer is allocated for
+every call, and a large one (the refresh branch's scratch counts even on steps that skip
+it) comes fresh from the kernel, so every page the step touches is a fault. Usage::
 
     python benchmarks/diag_update_cost.py [--params 25e6] [--out FILE.md]
 """
@@ -32,64 +36,71 @@ import optax
 import nanoadam_jax as nanoadam
 from benchmarks import common
 
+ROWS = ("optax.adamw", "nanoadam", "nanoadam, refresh cond removed")
 
-def time_step(tx, params, grads, steps: int = 30, windows: int = 3) -> float:
-    """Best per-step milliseconds over ``windows`` windows of ``steps`` donated steps."""
 
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    f = jax.jit(step, donate_argnums=(0, 1))
+def time_step(tx, params, grads, steps: int = 30, windows: int = 3) -> dict[str, float]:
+    """Best per-step milliseconds over ``windows`` windows of ``steps`` donated steps, the
+    page faults per step of that window and the program's scratch bytes."""
     p, s = common.copy_tree(params), tx.init(params)
+    f = jax.jit(common.update_step(tx), donate_argnums=(0, 1)).lower(p, s, grads).compile()
     p, s = f(p, s, grads)
     jax.block_until_ready(p)
-    best = float("inf")
+    best, faults = float("inf"), 0.0
     for _ in range(windows):
+        f0 = common.minor_faults()
         t0 = time.perf_counter()
         for _ in range(steps):
             p, s = f(p, s, grads)
         jax.block_until_ready((p, s))
-        best = min(best, (time.perf_counter() - t0) / steps)
-    return 1e3 * best
+        seconds = (time.perf_counter() - t0) / steps
+        if seconds < best:
+            best, faults = seconds, (common.minor_faults() - f0) / steps
+    temp = int(f.memory_analysis().temp_size_in_bytes)
+    return {"ms": 1e3 * best, "faults": faults, "temp_bytes": temp}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=float, default=25e6)
-    parser.add_argument("--out", default="")
+    parser.add_argument("--params", type=float, default=25e6, help="parameters (default 25e6)")
+    parser.add_argument("--out", default="", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     params = common.synthetic_params(int(args.params))
     key = jax.random.PRNGKey(1)
     grads = jax.tree.map(lambda p: 1e-3 * jax.random.normal(key, p.shape, p.dtype), params)
 
-    def nano(inplace: bool):
-        return nanoadam.nanoadam(1e-3, density=0.1, mask_interval=10**9, inplace_apply=inplace)
+    def nano():
+        return nanoadam.nanoadam(1e-3, density=0.1, mask_interval=10**9)
 
-    rows = [("optax.adamw", time_step(optax.adamw(1e-3), params, grads))]
-    rows.append(("nanoadam", time_step(nano(True), params, grads)))
-    rows.append(("nanoadam(inplace_apply=False)", time_step(nano(False), params, grads)))
-    cond = jax.lax.cond
-    jax.lax.cond = lambda pred, true_fn, false_fn, *ops: false_fn(*ops)
+    results = {
+        ROWS[0]: time_step(optax.adamw(1e-3), params, grads),
+        ROWS[1]: time_step(nano(), params, grads),
+    }
+    cond = nanoadam.refresh.cond
+    nanoadam.refresh.cond = lambda pred, true_fn, false_fn, operand: false_fn(operand)
     try:
-        rows.append(("nanoadam, refresh cond removed", time_step(nano(True), params, grads)))
-        rows.append(
-            ("nanoadam(inplace_apply=False), cond removed", time_step(nano(False), params, grads))
-        )
+        results[ROWS[2]] = time_step(nano(), params, grads)
     finally:
-        jax.lax.cond = cond
-    base = rows[0][1]
+        nanoadam.refresh.cond = cond
+    base = results[ROWS[0]]["ms"]
     machine = common.machine_info()
+    commit = str(machine["git"].get("commit"))[:12]
+    dirty = ", library modified" if machine["git"].get("library_dirty") else ""
     lines = [
         f"# Update cost diagnostic ({args.params:g} parameters, d=0.1, no refresh taken)",
         "",
         f"- command: `python benchmarks/diag_update_cost.py --params {args.params:g}`",
-        f"- machine: {machine.get('processor', '')}, {machine.get('cpu_count', '')} CPUs; "
+        f"- date: {machine['date']}; commit {commit}{dirty}",
+        f"- machine: {machine['processor']}, {machine['cpus_available']} CPUs available; "
         f"load average at the end {common.load_average()}; jax {jax.__version__}",
         "",
-        "| step | ms | / adamw |",
-        "|---|---|---|",
-    ] + [f"| {name} | {ms:.2f} | {ms / base:.2f} |" for name, ms in rows]
+        "| step | ms | / adamw | page faults / step | scratch (temp) |",
+        "|---|---|---|---|---|",
+    ] + [
+        f"| {name} | {r['ms']:.2f} | {r['ms'] / base:.2f} | {r['faults']:,.0f} | "
+        f"{common.fmt_bytes(r['temp_bytes'])} |"
+        for name, r in results.items()
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
