@@ -1,27 +1,45 @@
-"""Sharded NanoAdam vs sharded AdamW on 8 host devices: step time and collectives.
+"""Sharded NanoAdam vs sharded AdamW on 8 host devices: state per device and collectives.
 
-Usage (from the repository root)::
+Usage (from the repository root or anywhere)::
 
-    python benchmarks/bench_sharding.py                      # FSDP mesh, automatic sharding
-    python benchmarks/bench_sharding.py --layout 2d --mode explicit
-    python benchmarks/bench_sharding.py --json out.json      # also write the results
+    python benchmarks/bench_sharding.py                  # every layout and mode
+    python benchmarks/bench_sharding.py --layout tp --mode explicit
+    python benchmarks/bench_sharding.py --quick          # small model, adamw and nanoadam
 
-The parameters of a small MLP stack are sharded over a ``jax.sharding.Mesh`` of 8 host (CPU)
-devices, either FSDP style (every leaf split along its first axis) or over a 2-D
-``data x model`` mesh (leaves split along both axes). Each optimizer runs under ``jax.jit``
-with its state kept where ``init`` put it. For each one the script reports
+The parameters of a small MLP stack (per layer ``width -> 4 width -> width`` and a bias;
+a 16-way head) are placed on a ``jax.sharding.Mesh`` of 8 host (CPU) devices in one of
+three layouts:
 
-* the time of an ordinary update step and of a refresh step (the step that re-selects the
-  trainable entries; every ``mask_interval`` steps), median over ``--steps`` steps;
-* the optimizer state held per device;
-* the collectives of the compiled update, read from the optimized HLO: those run on every
-  ordinary step (outside any conditional, or in its no-refresh branch) and those that a
-  refresh step adds, with their element counts and bytes (a collective inside a loop of
-  known trip count is counted that many times).
+* ``fsdp``: a 1-D ``fsdp`` mesh, every leaf split along its first axis;
+* ``tp``: a 1-D ``model`` mesh, Megatron style: the up projection column-parallel
+  ``P(None, "model")``, its bias ``P("model")``, the down projection row-parallel
+  ``P("model", None)``, the head replicated;
+* ``2d``: a ``data x model`` (2 x 4) mesh: tensor parallelism over ``model`` and FSDP over
+  ``data`` (``up: P("data", "model")``, ``down: P("model", "data")``, bias ``P("model")``,
+  head ``P("data", None)``);
 
-Host devices share the machine's cores, so the timings compare optimizers with one another
-on this machine; they do not predict accelerator speed. The collective listing, on the other
-hand, is what the same program communicates on any backend.
+each in both sharding modes: ``auto`` (``AxisType.Auto``: jit's partitioner propagates
+the shardings; the step's outputs are pinned to the inputs' shardings) and ``explicit``
+(``AxisType.Explicit``: the shardings are part of the array types). Each optimizer's state
+is made by ``tx.init`` on the sharded parameters and kept where ``init`` put it. For each
+layout, mode and optimizer the script reports
+
+* the optimizer state held per device, and its ratio to AdamW's;
+* the collectives of the compiled update (params and state donated), read from the
+  optimized HLO: those run on every ordinary step (outside any conditional, or in the
+  no-refresh branch of the refresh ``cond``) and those that a refresh step adds (the
+  other branch), with their element counts and bytes (a collective inside a loop of
+  known trip count is counted that many times);
+* the time of an ordinary step and of a refresh step (the same executable, with the
+  step counter set to 0 before the step), median over ``--steps`` steps.
+
+Host devices share the machine's cores, so the timings only compare optimizers with one
+another on this machine; they do not predict accelerator speed. The collective listing,
+on the other hand, is what the same program communicates on any backend.
+
+Writes ``results.json`` (machine, library commit, arguments, every row with its
+collectives) and ``results.md`` to ``--out`` (default ``benchmarks/results/sharding``,
+with ``--quick`` ``benchmarks/results/quick/sharding``).
 """
 
 from __future__ import annotations
@@ -41,6 +59,10 @@ if _DEVICES not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+REPO = Path(__file__).resolve().parents[1]
+if not __package__:  # run as `python benchmarks/bench_sharding.py`: make `benchmarks` importable
+    sys.path.insert(0, str(REPO))
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -49,6 +71,13 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import nanoadam_jax as nanoadam  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+LAYOUTS = ("fsdp", "tp", "2d")
+MODES = ("auto", "explicit")
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "sharding"
+DEFAULT_QUICK_OUT = REPO / "benchmarks" / "results" / "quick" / "sharding"
+QUICK = {"width": 64, "layers": 1, "steps": 2}
 
 # --------------------------------------------------------------------------------------
 # Model and shardings.
@@ -74,10 +103,18 @@ def make_params(width: int, layers: int, seed: int = 0) -> dict:
 
 
 def specs(params: dict, layout: str) -> dict:
+    """The ``PartitionSpec`` of every leaf in ``layout`` (see the module docstring)."""
+
     def spec(path, x):
         names = [getattr(p, "key", str(p)) for p in path]
         if layout == "fsdp":
             return P("fsdp", *([None] * (x.ndim - 1)))
+        if layout == "tp":
+            if "head" in names:
+                return P()
+            if x.ndim == 1:
+                return P("model")
+            return P(None, "model") if "up" in names else P("model", None)
         if "head" in names:
             return P("data", None)
         if x.ndim == 1:
@@ -92,30 +129,34 @@ def make_mesh(layout: str, mode: str) -> jax.sharding.Mesh:
     axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
     if layout == "fsdp":
         return jax.make_mesh((8,), ("fsdp",), axis_types=(axis_type,))
+    if layout == "tp":
+        return jax.make_mesh((8,), ("model",), axis_types=(axis_type,))
     return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
 
 
 # --------------------------------------------------------------------------------------
-# Optimizers. Each factory takes the mask interval (ignored by AdamW).
+# Optimizers.
 # --------------------------------------------------------------------------------------
 
 
-def optimizers(args) -> dict:
-    lr, d = 1e-4, args.density
-    return {
-        "optax.adamw": lambda m: optax.adamw(lr, weight_decay=0.0),
-        "nanoadam (leaf, compact)": lambda m: nanoadam.nanoadam(lr, d, m),
-        "nanoadam (leaf, dense)": lambda m: nanoadam.nanoadam(lr, d, m, state_layout="dense"),
-        f"nanoadam (block {args.block_size}, compact)": lambda m: nanoadam.nanoadam(
-            lr, d, m, scope="block", block_size=args.block_size
-        ),
-        "mask -> adam -> masked_apply": lambda m: optax.chain(
-            nanoadam.magnitude_mask(d, m),
-            optax.scale_by_adam(),
-            nanoadam.masked_apply(d, m),
-            optax.scale_by_learning_rate(lr),
-        ),
+def optimizers(density: float, quick: bool = False) -> dict:
+    """name -> optimizer (``mask_interval`` 100; refreshes are forced, see :func:`refresh`)."""
+    lr, m = 1e-4, 100
+    txs = {
+        "optax.adamw": optax.adamw(lr, weight_decay=0.0),
+        "nanoadam": nanoadam.nanoadam(lr, density, m),
     }
+    if quick:
+        return txs
+    txs['nanoadam (scope="leaf")'] = nanoadam.nanoadam(lr, density, m, scope="leaf")
+    txs['nanoadam (scope="global")'] = nanoadam.nanoadam(lr, density, m, scope="global")
+    txs["mask -> adam -> masked_apply"] = optax.chain(
+        nanoadam.magnitude_mask(density, m),
+        optax.scale_by_adam(),
+        nanoadam.masked_apply(density, m),
+        optax.scale_by_learning_rate(lr),
+    )
+    return txs
 
 
 # --------------------------------------------------------------------------------------
@@ -248,6 +289,27 @@ def classify(text: str) -> dict:
 # Measurement.
 # --------------------------------------------------------------------------------------
 
+#: Step counters of the library's states: set to 0, the next update refreshes.
+_COUNTERS = {
+    nanoadam.SparseUpdateState: "sparse_step",
+    nanoadam.MagnitudeMaskState: "mask_step",
+    nanoadam.MaskedApplyState: "apply_step",
+}
+
+
+def refresh(state):
+    """``state`` with every selection step counter at 0 (the same shardings): the next
+    update re-selects (step 0 is a multiple of every ``mask_interval``)."""
+
+    def reset(x):
+        for cls, field in _COUNTERS.items():
+            if isinstance(x, cls):
+                counter = getattr(x, field)
+                return x._replace(**{field: counter - counter})
+        return x
+
+    return jax.tree.map(reset, state, is_leaf=lambda x: isinstance(x, tuple(_COUNTERS)))
+
 
 def fake_grads(params, t):
     return jax.tree.map(lambda p: jnp.cos(3.0 * p + t.astype(p.dtype)) * 1e-2, params)
@@ -273,7 +335,7 @@ def pin(tree, mesh):
 
 
 def build(tx, params, mesh, mode):
-    """Initialised state and a jitted step that keeps the state's shardings."""
+    """Initialised state and the compiled, donated step that keeps the state's shardings."""
     state = tx.init(params)
 
     def step(params, state, t):
@@ -281,44 +343,45 @@ def build(tx, params, mesh, mode):
         return optax.apply_updates(params, updates), state
 
     if mode == "explicit":
-        return state, jax.jit(step)  # the types carry the shardings
-    state = pin(state, mesh)
-    shardings = jax.tree.map(lambda x: x.sharding, (params, state))
-    return state, jax.jit(step, out_shardings=shardings)
+        jitted = jax.jit(step, donate_argnums=(0, 1))  # the types carry the shardings
+    else:
+        state = pin(state, mesh)
+        shardings = jax.tree.map(lambda x: x.sharding, (params, state))
+        jitted = jax.jit(step, out_shardings=shardings, donate_argnums=(0, 1))
+    return state, jitted.lower(params, state, jnp.int32(0)).compile()
 
 
-def timed(step, params, state, first: int, steps: int):
-    """Median seconds of ``steps`` calls, after one warm-up call (compilation)."""
-    params, state = step(params, state, jnp.int32(first))
+def timed(step, params, state, steps: int, force: bool):
+    """Median seconds of ``steps`` calls (each a refresh if ``force``), after step 0."""
+    params, state = step(params, state, jnp.int32(0))
     jax.block_until_ready(params)
     times = []
     for i in range(steps):
+        if force:
+            state = jax.block_until_ready(refresh(state))
         t0 = time.perf_counter()
-        params, state = step(params, state, jnp.int32(first + 1 + i))
+        params, state = step(params, state, jnp.int32(1 + i))
         jax.block_until_ready((params, state))
         times.append(time.perf_counter() - t0)
     return statistics.median(times), params, state
 
 
-def measure(name, make_tx, params_host, layout, mode, steps):
+def measure(name, tx, params_host, layout, mode, steps):
     mesh = make_mesh(layout, mode)
-    row = {"optimizer": name}
+    row = {"layout": layout, "mode": mode, "optimizer": name}
+    nano = name != "optax.adamw"
     try:
         with jax.set_mesh(mesh):
             shard = jax.tree.map(lambda s: NamedSharding(mesh, s), specs(params_host, layout))
             params = jax.device_put(params_host, shard)
-            # Ordinary steps: the selection is made at step 0 and not again.
-            state, step = build(make_tx(10**9), params, mesh, mode)
-            text = step.lower(params, state, jnp.int32(0)).compile().as_text()
-            row["update_s"], _, state = timed(step, params, state, 0, steps)
+            state, step = build(tx, params, mesh, mode)
             row["state_bytes_per_device"] = state_bytes_per_device(state)
-            row["collectives"] = classify(text)
-            if name != "optax.adamw":
-                # Refresh steps: re-select on every step.
-                state, step = build(make_tx(1), params, mesh, mode)
-                row["refresh_s"], _, _ = timed(step, params, state, 0, steps)
+            row["collectives"] = classify(step.as_text())
+            row["step_s"], params, state = timed(step, params, state, steps, force=False)
+            if nano:
+                row["refresh_s"], _, _ = timed(step, params, state, steps, force=True)
     except Exception as e:
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     return row
 
 
@@ -341,66 +404,130 @@ def total_bytes(collectives: list[dict]) -> int:
     return sum(c["bytes"] * c["count"] for c in collectives)
 
 
-def report(rows: list[dict], args, n_params: int) -> None:
-    print(
-        f"\nlayout={args.layout} mode={args.mode} devices={jax.device_count()} "
-        f"params={n_params:,} density={args.density} jax={jax.__version__}"
-    )
-    header = (
-        f"{'optimizer':34s} {'update ms':>10s} {'refresh ms':>11s} {'state/dev KiB':>14s} "
-        f"{'comm/update B':>14s} {'comm/refresh B':>15s}"
-    )
-    print(header)
-    print("-" * len(header))
+def total_count(collectives: list[dict]) -> int:
+    return sum(c["count"] for c in collectives)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``state_ratio_vs_adamw`` per row: state per device over AdamW's (same layout, mode)."""
+    base = {
+        (r["layout"], r["mode"]): r.get("state_bytes_per_device")
+        for r in rows
+        if r["optimizer"] == "optax.adamw"
+    }
     for r in rows:
+        b = base.get((r["layout"], r["mode"]))
+        n = r.get("state_bytes_per_device")
+        r["state_ratio_vs_adamw"] = n / b if b and n is not None else None
+
+
+def markdown(results: dict) -> str:
+    m, a = results["machine"], results["args"]
+    commit = str(m["git"].get("commit"))[:12]
+    lines = [
+        f"# Sharded NanoAdam vs AdamW ({'quick' if a['quick'] else 'full'} mode)",
+        "",
+        f"- command: `{results['command']}`",
+        f"- date: {m['date']}; library commit {commit}"
+        + (" (library modified)" if m["git"].get("library_dirty") else ""),
+        f"- machine: {m['processor']}, {m['cpus_available']} CPUs available; "
+        f"{m['device_count']} host devices; jax {m['jax']}, optax {m['optax']}; load average "
+        f"{m['load_average']} at the start, {results['load_average_end']} at the end",
+        f"- model: MLP stack, width {a['width']}, {a['layers']} layer(s), "
+        f"{results['n_params']:,} parameters; density {a['density']}; timings: median of "
+        f"{a['steps']} steps",
+        "",
+        "| layout | mode | optimizer | state / device | state / adamw | ordinary ms | "
+        "refresh ms | collectives / ordinary step | collectives / refresh (added) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        head = f"| {r['layout']} | {r['mode']} | {r['optimizer']} | "
         if "error" in r:
-            print(f"{r['optimizer']:34s} failed: {r['error']}")
+            lines.append(head + f"failed: {r['error']} | | | | | |")
             continue
         step_c, refresh_c = r["collectives"]["step"], r["collectives"]["refresh"]
-        refresh = f"{r['refresh_s'] * 1e3:11.2f}" if "refresh_s" in r else f"{'-':>11s}"
-        print(
-            f"{r['optimizer']:34s} {r['update_s'] * 1e3:10.2f} {refresh} "
-            f"{r['state_bytes_per_device'] / 1024:14.1f} {total_bytes(step_c):14d} "
-            f"{total_bytes(step_c) + total_bytes(refresh_c):15d}"
+        refresh_ms = f"{1e3 * r['refresh_s']:.2f}" if "refresh_s" in r else "-"
+        lines.append(
+            head + f"{common.fmt_bytes(r['state_bytes_per_device'])} | "
+            f"{common.fmt(r['state_ratio_vs_adamw'])} | {1e3 * r['step_s']:.2f} | {refresh_ms} | "
+            f"{total_count(step_c)} ({total_bytes(step_c):,} B) | "
+            f"{total_count(refresh_c)} ({total_bytes(refresh_c):,} B) |"
         )
-    print("\nCollectives (per update step: every step; per refresh step: in addition)")
-    for r in rows:
+    lines += ["", "Collectives (per ordinary step: every step; per refresh: in addition):", ""]
+    for r in results["rows"]:
         if "error" in r:
             continue
-        print(f"* {r['optimizer']}")
-        print(f"    per update step : {describe(r['collectives']['step'])}")
-        if r["optimizer"] != "optax.adamw":
-            print(f"    per refresh step: {describe(r['collectives']['refresh'])}")
+        lines.append(f"* {r['layout']}, {r['mode']}, {r['optimizer']}")
+        lines.append(f"  * per ordinary step: {describe(r['collectives']['step'])}")
+        lines.append(f"  * per refresh: {describe(r['collectives']['refresh'])}")
+    return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> list[dict]:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layout", choices=("fsdp", "2d"), default="fsdp")
-    parser.add_argument("--mode", choices=("auto", "explicit"), default="auto")
-    parser.add_argument("--width", type=int, default=256, help="MLP width (4x inside)")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layout", choices=(*LAYOUTS, "all"), default="all")
+    parser.add_argument("--mode", choices=(*MODES, "all"), default="all")
+    parser.add_argument("--width", type=int, default=None, help="MLP width (default 256)")
+    parser.add_argument("--layers", type=int, default=None, help="layers (default 2)")
     parser.add_argument("--density", type=float, default=0.1)
-    parser.add_argument("--block-size", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
     parser.add_argument("--only", default="", help="comma-separated substrings of names")
-    parser.add_argument("--json", default="", help="write the results to this file")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a small model ({QUICK}), adamw and nanoadam only",
+    )
+    parser.add_argument("--out", default=None, help="results folder (see the module docstring)")
     args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else {"width": 256, "layers": 2, "steps": 10}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        args.out = str(DEFAULT_QUICK_OUT if args.quick else DEFAULT_OUT)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if jax.device_count() < 8:
         raise SystemExit(f"needs 8 devices, found {jax.device_count()}: set XLA_FLAGS={_DEVICES}")
-
+    machine = common.machine_info()
     params = make_params(args.width, args.layers)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    layouts = LAYOUTS if args.layout == "all" else (args.layout,)
+    modes = MODES if args.mode == "all" else (args.mode,)
     rows = []
-    for name, make_tx in optimizers(args).items():
-        if args.only and not any(s in name for s in args.only.split(",")):
-            continue
-        rows.append(measure(name, make_tx, params, args.layout, args.mode, args.steps))
-        print(f"  measured {name}", file=sys.stderr, flush=True)
-    report(rows, args, n_params)
-    if args.json:
-        meta = {k: v for k, v in vars(args).items() if k != "json"}
-        Path(args.json).write_text(json.dumps({"args": meta, "rows": rows}, indent=1))
-    return rows
+    t0 = time.perf_counter()
+    for layout in layouts:
+        for mode in modes:
+            for name, tx in optimizers(args.density, args.quick).items():
+                if args.only and not any(s in name for s in args.only.split(",")):
+                    continue
+                rows.append(measure(name, tx, params, layout, mode, args.steps))
+                status = "failed" if "error" in rows[-1] else "ok"
+                print(f"  {layout} {mode} {name}: {status}", file=sys.stderr, flush=True)
+    add_ratios(rows)
+    command = " ".join(
+        ["python benchmarks/bench_sharding.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    results = {
+        "suite": "nanoadam-jax sharding benchmark",
+        "command": command,
+        "machine": machine,
+        "load_average_end": common.load_average(),
+        "wall_s": time.perf_counter() - t0,
+        "args": vars(args),
+        "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    text = markdown(results)
+    (out / "results.md").write_text(text)
+    print(text)
+    return results
 
 
 if __name__ == "__main__":
