@@ -229,38 +229,58 @@ def scatter_add_rows(base: jax.Array, pos: jax.Array, values: jax.Array) -> jax.
     )
 
 
-def scatter_into_zeros(
-    lay: LeafLayout, like: jax.Array, pos: jax.Array, values: jax.Array, padded: bool
-) -> jax.Array:
-    """Zeros shaped like ``like`` with ``values`` added at the chunk positions ``pos``.
+def leaf_coords(lay: LeafLayout, pos: jax.Array, padded: bool) -> tuple[jax.Array, ...]:
+    """The leaf coordinates (one index array per axis) of the chunk positions ``pos``.
 
-    Indexes the leaf's own axes (positions unravelled to coordinates), so that XLA fuses
-    ``params + result`` into an in-place scatter-add. Padding positions are dropped.
+    Padding positions (``== chunk``) get an out-of-range first coordinate.
     """
-    if pos.shape[-1] == 0 or lay.size == 0:
-        return jnp.zeros_like(like)
     row = jnp.arange(math.prod(lay.grid), dtype=jnp.int32).reshape((*lay.grid, 1))
     p32 = pos.astype(jnp.int32)
     flat = row * jnp.int32(lay.chunk) + p32
-    if padded:
-        flat = jnp.where(p32 < lay.chunk, flat, jnp.int32(lay.size))
     perm = lay.permutation
     shape = lay.shape if perm is None else tuple(lay.shape[a] for a in perm)
-    coords = jnp.unravel_index(flat, shape) if len(shape) > 1 else (flat,)
+    coords = tuple(jnp.unravel_index(flat, shape)) if len(shape) > 1 else (flat,)
     if perm is not None:
         coords = tuple(coords[list(perm).index(a)] for a in range(len(shape)))
     if padded:
         # jnp.unravel_index clips: push padding out of range on the first axis instead.
         first = jnp.where(p32 < lay.chunk, coords[0], jnp.int32(lay.shape[0]))
         coords = (first, *coords[1:])
+    return coords
+
+
+def take_coords(
+    lay: LeafLayout, x: jax.Array, coords: tuple[jax.Array, ...], padded: bool
+) -> jax.Array:
+    """``x`` at ``coords`` (see :func:`leaf_coords`); padding reads zero."""
+    return x.at[coords].get(
+        mode="fill" if padded else "promise_in_bounds",
+        fill_value=0,
+        indices_are_sorted=lay.permutation is None,
+        unique_indices=not padded,
+    )
+
+
+def scatter_into_zeros(
+    lay: LeafLayout,
+    like: jax.Array,
+    coords: tuple[jax.Array, ...],
+    values: jax.Array,
+    padded: bool,
+) -> jax.Array:
+    """Zeros shaped like ``like`` with ``values`` added at ``coords``.
+
+    Indexes the leaf's own axes, so that XLA fuses ``params + result`` into an in-place
+    scatter-add into the parameters. Padding positions are dropped.
+    """
     return (
         jnp.zeros_like(like)
         .at[coords]
         .add(
             values.astype(like.dtype),
-            indices_are_sorted=perm is None,
+            indices_are_sorted=lay.permutation is None,
             unique_indices=not padded,
-            mode="drop",
+            mode="drop" if padded else "promise_in_bounds",
         )
     )
 

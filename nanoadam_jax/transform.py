@@ -1021,9 +1021,26 @@ class _SparseUpdate:
         """
         sel = t.sdef.flatten_up_to(selected)
         padded = self.config.padded()
+        # One device: index the leaves directly (see above); the coordinates serve the
+        # gathers and the scatter. Empty or scalar leaves take the row-wise path.
+        direct = {
+            i: layout.leaf_coords(t.lays[i], sel[i], padded)
+            for i in t.sparse
+            if self.compact
+            and jax.device_count() == 1
+            and t.leaves[i].ndim
+            and t.lays[i].size
+            and t.lays[i].capacity
+        }
+
+        def take(i, x):
+            if i in direct:
+                return layout.take_coords(t.lays[i], x, direct[i], padded)
+            return layout.take_rows(t.view(i, x), sel[i], padded)
+
         if self.compact:
-            g = [(i, layout.take_rows(t.view(i, updates[i]), sel[i], padded)) for i in t.sparse]
-            p = [(i, layout.take_rows(t.view(i, t.leaves[i]), sel[i], padded)) for i in t.sparse]
+            g = [(i, take(i, updates[i])) for i in t.sparse]
+            p = [(i, take(i, t.leaves[i])) for i in t.sparse]
         else:
             g = [
                 (i, jnp.where(sel[i], updates[i], jnp.zeros((), updates[i].dtype)))
@@ -1035,11 +1052,10 @@ class _SparseUpdate:
         )
         u_flat = t.sdef.flatten_up_to(u_vecs)
         out = {}
-        in_place = jax.device_count() == 1
         for i in t.sparse:
             u = updates[i]
-            if self.compact and in_place:
-                out[i] = layout.scatter_into_zeros(t.lays[i], u, sel[i], u_flat[i], padded)
+            if i in direct:
+                out[i] = layout.scatter_into_zeros(t.lays[i], u, direct[i], u_flat[i], padded)
             elif self.compact:
                 zeros = jnp.zeros_like(t.view(i, u))
                 out[i] = t.lays[i].unview(layout.scatter_add_rows(zeros, sel[i], u_flat[i]), u)
