@@ -1,6 +1,6 @@
 """Evidence for the library's choices: NanoAdam vs AdamW and the paper's ablations, on real models.
 
-Runs on CPU, offline, with the pretrained models and data of ``examples/common`` (issue 7). Every
+Runs on CPU, offline, with the pretrained models and data of ``examples/common``. Every
 number is a mean +- standard deviation over ``--seeds`` seeds (default 3; a seed fixes the batch
 order, the random-criterion key and, for text, the new head's initialisation), and every method
 runs at **its own best learning rate** from a small sweep, chosen on a validation split and
@@ -8,13 +8,14 @@ reported on a separate test split (the paper's protocol).
 
 Experiments (``--experiment``, comma-separated, default ``all``):
 
-* ``e1`` NanoAdam (library defaults: density 0.1, mask_interval 100, refresh ``reset``) vs full
+* ``e1`` NanoAdam (library defaults: density 0.1, mask_interval 100, refresh ``keep``) vs full
   AdamW fine-tuning: accuracy, optimizer-state bytes, step-time ratio. Vision, plus a short text
   run (``text``) unless ``--no-text``.
 * ``e2`` selection criteria at equal density (smallest vs random vs largest ``|w|``) and a
   dynamic vs a static mask (selected once: ``mask_interval`` longer than the run).
-* ``e3`` moments at a refresh (``refresh_policy`` ``reset`` vs ``keep``, each with and
-  without Adam's bias correction, ``bias_correction=False``) over several ``mask_interval``
+* ``e3`` moments at a refresh (``refresh_policy`` ``keep``, the default: entries that stay
+  selected keep their moments, vs ``reset``: every refresh restarts Adam), each with and
+  without Adam's bias correction (``bias_correction=False``), over several ``mask_interval``
   values.
 * ``e4`` learning-rate tolerance: accuracy over a learning-rate grid, NanoAdam and AdamW.
 * ``e5`` forgetting: accuracy on the new task (rotated MNIST) and on the old task (upright
@@ -51,10 +52,8 @@ loop (learning rate, seed and density are traced; ``max_density`` sizes the comp
 each configuration compiles once. The CNN's forward pass is written here with an explicit
 im2col + matmul (checked at start-up against ``common.mnist_cnn.MnistCNN`` to 1e-4): XLA's CPU
 convolution gradients are about 30x slower, and vmapped convolutions with one kernel per run
-lower to grouped convolutions that are about 200x slower. On the text task the density is a
-compile-time constant instead (one compilation per configuration and density): a traced density
-turns NanoAdam's refresh ``lax.cond`` into a ``select`` under ``jax.vmap`` (see e1), which on
-the 3.7M-parameter encoder doubles the cost of every step.
+lower to grouped convolutions that are about 200x slower. Under ``jax.vmap`` NanoAdam's refresh
+stays a conditional (``nanoadam_jax.refresh.cond``): ordinary steps run no selection work.
 
 Usage::
 
@@ -121,8 +120,9 @@ TEXT_ASSETS = ("minilm", "rotten_tomatoes")
 OLD_TEXT_ASSETS = ("bbc_news",)  # the old task of --task text
 ADAMW_WEIGHT_DECAY = 1e-4  # optax.adamw's default
 SPLIT_SEED = 0
-#: Part of every cached run's key: bump it when a change alters what a run computes.
-CACHE_VERSION = 2
+#: Part of every cached run's key: bump it when a change alters what a run computes
+#: (3: per-chunk selection and the ``keep`` refresh policy became the library's defaults).
+CACHE_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +273,7 @@ class Variant:
 
     method: str  # "adamw" | "nanoadam"
     criterion: str = "smallest"
-    refresh_policy: str = "reset"
+    refresh_policy: str = "keep"  # the library's default
     mask_interval: int | None = 100
     dense_head: bool = True  # False: the head is sparse too (an e5 diagnostic)
     bias_correction: bool = True  # False: Adam without 1 / (1 - b**t) (an e3 arm)
@@ -359,8 +359,6 @@ class Task:
     eval_chunk: int = 250
     frozen: dict[str, Any] = dataclasses.field(default_factory=dict)  # never trained
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # one compilation per density (a constant), not a traced per-run density (see the docstring)
-    density_per_call: bool = False
     shared_head: bool = True  # the old and the new task share the trained head (vision)
     # how the text of the results names things: model, new/old task, unit of data
     words: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -535,7 +533,6 @@ def load_text_task(s: Settings) -> Task:
         signature=s.text_signature(),
         eval_chunk=100,
         frozen=frozen,
-        density_per_call=True,
         shared_head=False,
         words={
             "model": f"MiniLM-L6 ({s.text_layers} layers)",
@@ -600,19 +597,15 @@ def _fraction_changed(params, init, labels) -> jax.Array:
     return changed / max(total, 1)
 
 
-def make_grid_fn(
-    task: Task, variant: Variant, max_density: float | None, density: float | None = None
-) -> Callable:
+def make_grid_fn(task: Task, variant: Variant, max_density: float | None) -> Callable:
     """Jitted ``(lrs, seeds, densities, batch_idx, params, data) -> metrics``.
 
     Vmapped over the runs (the first four arguments); ``params`` and ``data`` are shared.
-    A ``density`` given here is a compile-time constant that replaces the traced densities.
+    The density is traced: ``max_density`` sizes NanoAdam's state.
     """
     labels = task.body_labels()
-    static_density = density
 
-    def one(lr, seed, traced_density, idx, params, data):
-        density = traced_density if static_density is None else static_density
+    def one(lr, seed, density, idx, params, data):
         p0 = task.init(params, seed)
         tx = variant.make(lr, density, seed, task.steps, max_density)
         inputs, y = data["train"]
@@ -681,21 +674,14 @@ class Runner:
         keys = [self.run_key(task, variant, *p) for p in points]
         todo = [p for p, k in zip(points, keys) if k not in self.cache]
         chunk = task.vmap_chunk
-        # With a compile-time density, each call holds the runs of one density.
-        groups = (
-            [[p for p in todo if p[2] == d] for d in densities] if task.density_per_call else [todo]
-        )
-        for group in groups:
-            for start in range(0, len(group), chunk):
-                part = group[start : start + chunk]
-                self._compute(task, variant, part + [part[-1]] * (chunk - len(part)), len(part))
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            self._compute(task, variant, part + [part[-1]] * (chunk - len(part)), len(part))
         self.used.update(keys)
         return [self.cache[k] for k in keys]
 
     def _compute(self, task: Task, variant: Variant, points, n_real: int) -> None:
-        static = task.density_per_call and variant.method != "adamw"
-        density = points[0][2] if static else None
-        fkey = (task.name, variant.key, density)
+        fkey = (task.name, variant.key)
         lrs = jnp.asarray([p[0] for p in points], jnp.float32)
         seeds = jnp.asarray([p[1] for p in points], jnp.int32)
         dens = jnp.asarray([p[2] for p in points], jnp.float32)
@@ -705,13 +691,11 @@ class Runner:
         )
         args = (lrs, seeds, dens, idx, task.params, task.data())
         label = f"{task.name} {variant.key}: {n_real} runs x {task.steps} steps"
-        if density is not None:
-            label += f" (d={density:g})"
         if self.progress:
             print(f"  running {label} ...", end="", flush=True)
         w0, c0 = time.perf_counter(), time.process_time()
         if fkey not in self.fns:
-            fn = make_grid_fn(task, variant, max(self.s.densities), density)
+            fn = make_grid_fn(task, variant, max(self.s.densities))
             self.fns[fkey] = _compile(fn, args, self.s)
         out = jax.device_get(self.fns[fkey](*args))
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -950,8 +934,8 @@ def experiment_e4(runner: Runner, task: str = "vision") -> dict[str, Any]:
     reach_key = f"lrs_reaching_{reach}pct"
     lines = [
         f"Test accuracy (%) on {words['new']}, mean ± std over seeds, per learning rate "
-        f"(NanoAdam: mask_interval {sw.mask_interval}, refresh 'reset'). **Bold**: the best LR "
-        "on the validation split.",
+        f"(NanoAdam: mask_interval {sw.mask_interval}, refresh "
+        f"'{default_variant(sw).refresh_policy}'). **Bold**: the best LR on the validation split.",
         "",
         "| learning rate | " + " | ".join(tables) + " |",
         "|---|" + "---|" * len(tables),
@@ -1066,11 +1050,9 @@ def experiment_e1(runner: Runner, with_text: bool) -> dict[str, Any]:
         f"- Step time: NanoAdam / AdamW = {timing['ratio_wall']:.2f} (wall), "
         f"{timing['ratio_cpu']:.2f} (CPU), single run, medians of {s.timing_rounds} interleaved "
         "rounds on a shared machine (paper: 1.4-2.3x on GLUE with their PyTorch code).",
-        f"- Inside the vmapped grid (CPU per run-step of the fastest call, evaluation included) "
-        f"the ratio is "
-        f"{grid_ratio:.2f}: there the density is a per-run traced value, so the refresh "
-        "`lax.cond` becomes a `select` under `jax.vmap` and the selection is computed at every "
-        "step (results are unaffected; a single run keeps the `cond`).",
+        f"- Inside the vmapped grid (CPU per run-step of the fastest call, evaluation included, "
+        f"{s.vmap_chunk} runs per call, the density traced per run) the ratio is "
+        f"{grid_ratio:.2f}.",
     ]
     result: dict[str, Any] = {
         "vision": {
@@ -1212,7 +1194,8 @@ def experiment_e2(runner: Runner, task: str = "vision") -> dict[str, Any]:
     n = len(s.seeds)
     lines = [
         f"Density {s.densities[0]:g}, mask_interval {sw.mask_interval} (static: selected once at "
-        f"step 0), refresh 'reset', {sw.steps} steps. Each at its best LR (validation).",
+        f"step 0), refresh '{default_variant(sw).refresh_policy}', {sw.steps} steps. Each at its "
+        "best LR (validation).",
         "",
         "| selection | best LR | test acc. (%) | old-task acc. after (%) | body weights changed |",
         "|---|---|---|---|---|",
@@ -1353,7 +1336,7 @@ def experiment_e3(runner: Runner, task: str = "vision") -> dict[str, Any]:
         f"(the default configuration's best LR and its neighbours); each cell at its best LR "
         "(validation). Test accuracy (%):",
         "",
-        "| mask_interval | refreshes in the run | reset | keep | keep - reset "
+        "| mask_interval | refreshes in the run | reset | keep (default) | keep - reset "
         "| reset, no bias correction | keep, no bias correction |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -1408,16 +1391,23 @@ def experiment_e3(runner: Runner, task: str = "vision") -> dict[str, Any]:
 
 
 def rounding_table(task: Task, densities: Sequence[float]) -> list[dict[str, Any]]:
-    labels = nanoadam.label_params(task.params)
+    """Per leaf: its label, size, chunk length and the entries NanoAdam trains at each density
+    (:func:`nanoadam_jax.plan`, the library's own sizing: ``k`` per chunk times chunks)."""
+    plans = {d: nanoadam.plan(task.params, density=d, show=False) for d in densities}
+    by_path = {d: {leaf.path: leaf for leaf in p.leaves} for d, p in plans.items()}
     rows = []
-    for (path, leaf), lab in zip(
-        jax.tree_util.tree_flatten_with_path(task.params)[0], jax.tree.leaves(labels)
-    ):
-        name = "/".join(nanoadam.path_names(path))
-        row = {"leaf": name, "label": lab, "n": int(leaf.size)}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(task.params)[0]:
+        key = jax.tree_util.keystr(path)
+        first = by_path[densities[0]][key]
+        row = {
+            "leaf": "/".join(nanoadam.path_names(path)),
+            "label": first.label,
+            "n": int(leaf.size),
+            "chunk": first.chunk,
+            "chunks": first.chunks,
+        }
         for d in densities:
-            k = nanoadam.selection.num_selected_static(int(leaf.size), d)
-            row[f"k at d={d:g}"] = k if lab == nanoadam.SPARSE else int(leaf.size)
+            row[f"k at d={d:g}"] = by_path[d][key].trained
         rows.append(row)
     return rows
 
@@ -1507,17 +1497,22 @@ def experiment_e5(runner: Runner, task_name: str = "vision") -> dict[str, Any]:
         lines.append(f"| new task ≥ {100 * thr:g}% | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Rounding of k (library rule, per sparse leaf): `k = clip(round_half_up(d * n), 1, n)` "
-        "computed in float32 (`nanoadam_jax.num_selected`); dense leaves (head, norms) are "
-        f"updated in full. On this {words['model']}:",
+        "Rounding of k (library rule): a sparse leaf is cut into chunks of C <= 16384 entries "
+        "(`nanoadam_jax.layout`) and each chunk trains `k = clip(round_half_up(d * C), 1, C)` "
+        "entries, computed in float32 (`nanoadam_jax.num_selected`); the table gives the total "
+        "per leaf (`nanoadam_jax.plan`). Dense leaves (head, norms) are updated in full. On this "
+        f"{words['model']}:",
         "",
-        "| leaf | label | n | " + " | ".join(f"k at d={d:g}" for d in s.densities) + " |",
-        "|---|---|---|" + "---|" * len(s.densities),
+        "| leaf | label | n | chunk x chunks | "
+        + " | ".join(f"k at d={d:g}" for d in s.densities)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(s.densities),
     ]
     rtab = rounding_table(task, s.densities)
     for row in rtab:
         ks = " | ".join(str(row[f"k at d={d:g}"]) for d in s.densities)
-        lines.append(f"| {row['leaf']} | {row['label']} | {row['n']:,} | {ks} |")
+        chunks = f"{row['chunk']:,} x {row['chunks']}" if row["chunk"] else "-"
+        lines.append(f"| {row['leaf']} | {row['label']} | {row['n']:,} | {chunks} | {ks} |")
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = np.arange(len(names))
