@@ -72,7 +72,7 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:  # pragma: no cover - not on Linux
         cpus_available = os.cpu_count()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "processor": cpu_model(),
