@@ -629,6 +629,14 @@ def _compile(fn: Callable, args: tuple, s: Settings) -> Callable:
     return fn.trace(*args).lower().compile(compiler_options=dict(s.compiler_options))
 
 
+def _cache_version(key: str) -> int | None:
+    """The ``CACHE_VERSION`` a run's cache key was written with (see :meth:`Runner.run_key`)."""
+    try:
+        return json.loads(key.split("|")[1]).get("v")
+    except (IndexError, ValueError, AttributeError):
+        return None
+
+
 class Runner:
     """Runs (task, variant, lr, seed, density) points, caching every finished run on disk."""
 
@@ -639,7 +647,9 @@ class Runner:
         self.cache_path = out / "runs.json"
         self.cache: dict[str, dict[str, Any]] = {}
         if self.cache_path.is_file():
-            self.cache = json.loads(self.cache_path.read_text())
+            cached = json.loads(self.cache_path.read_text())
+            # Runs of an older CACHE_VERSION can never be read again: drop them.
+            self.cache = {k: v for k, v in cached.items() if _cache_version(k) == CACHE_VERSION}
         self.tasks: dict[str, Task] = {}
         self.fns: dict[tuple[str, str], Callable] = {}
         self.compile_log: list[dict[str, Any]] = []
