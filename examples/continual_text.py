@@ -9,7 +9,9 @@ on real pretrained weights and real data, offline, on CPU:
    mean-pooled features (logistic regression; the encoder is not trained on BBC at all).
 2. **Task 2 (Rotten Tomatoes sentiment).** For every optimizer in ``--runs``, a copy of the
    pretrained encoder plus a new 2-class ``head`` is fine-tuned end to end (all encoder weights are
-   trainable; NanoAdam updates ``--density`` of each tensor, AdamW all of them). Every run sees the
+   trainable; NanoAdam updates ``--density`` of each tensor, AdamW all of them). Each NanoAdam run
+   first prints its plan (``nanoadam_jax.plan``: per leaf the label, chunking, entries trained and
+   state bytes against ``optax.adamw``'s). Every run sees the
    same batches in the same order and starts from the same head.
 3. **Forgetting.** The *unchanged* BBC head is applied to the fine-tuned encoder's features: the
    drop of BBC accuracy from step 0 is the forgetting. Sentiment accuracy on held-out reviews shows
@@ -39,6 +41,7 @@ import numpy as np
 import optax
 from common import assets, cli
 from common.minilm import MiniLMClassifier, MiniLMEncoder, MiniLMTokenizer
+from common.plans import show_plan
 from common.progress import progress
 from common.results import environment, write_results
 from flax import nnx
@@ -342,6 +345,13 @@ def encoder_drift(before: dict[tuple, np.ndarray], encoder: MiniLMEncoder) -> di
 def run_one(run, args, data, base: MiniLMClassifier, bbc_head, schedule, start_point):
     """Fine-tune a copy of ``base`` on sentiment with one optimizer; track both tasks."""
     model = nnx.clone(base)
+    plan = None
+    if run["kind"] == "nanoadam":
+        plan = show_plan(
+            nnx.state(model, nnx.Param),
+            f"{run['name']}: NanoAdam's plan (what it trains and stores per leaf)",
+            density=run["density"],
+        )
     tx, desc = make_optimizer(run, args)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     initial = _flat_params(model.encoder)
@@ -385,6 +395,7 @@ def run_one(run, args, data, base: MiniLMClassifier, bbc_head, schedule, start_p
         "losses": losses,
         "final_loss": losses[-1],
         "optimizer_state_bytes": state_bytes,
+        "plan": plan,
         "first_step_seconds": step_times[0],
         "mean_step_seconds": float(np.mean(step_times[1:] if len(step_times) > 1 else step_times)),
         "train_seconds": float(np.sum(step_times)),

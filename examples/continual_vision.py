@@ -13,6 +13,10 @@ the drop on task 1). Compared, from the same pretrained weights and with the sam
 * a control, "head only": Adam on the head with the body frozen, at NanoAdam's learning rate.
   What NanoAdam gains over it on the new task comes from its sparse body updates.
 
+Before each NanoAdam method (and the head-only control, which is NanoAdam with every body leaf
+labelled frozen) the script prints its plan (``nanoadam_jax.plan``): per leaf the label,
+chunking, entries trained and optimizer-state bytes against ``optax.adamw``'s.
+
 The old task is read two ways, from the same run. **Own head**: the old task keeps its pretrained
 head and sees the fine-tuned body; the trained ``head`` (initialised from the pretrained one) is
 the new task's. This is the paper's protocol, where each task has its own classifier (CIFAR-10
@@ -54,6 +58,7 @@ import numpy as np
 import optax
 from common import assets, cli
 from common.mnist_cnn import MnistCNN, evaluate_accuracy, load_mnist_cnn
+from common.plans import show_plan
 from common.progress import progress
 from common.results import environment, write_results
 from flax import nnx
@@ -68,6 +73,7 @@ __all__ = [
     "main",
     "make_optimizer",
     "method_names",
+    "nanoadam_selection",
     "parse_args",
     "rotate",
     "train_and_evaluate",
@@ -223,15 +229,25 @@ def _head_only_labels(path, leaf) -> str:
     return nanoadam.DENSE if "head" in nanoadam.path_names(path) else nanoadam.FROZEN
 
 
+def nanoadam_selection(name: str) -> dict[str, Any] | None:
+    """The selection arguments (``density``, ``labels``) of a NanoAdam method, else None.
+
+    The same arguments build the optimizer (:func:`make_optimizer`) and its printed plan.
+    """
+    if name.startswith("nanoadam d="):
+        return {"density": float(name.split("=", 1)[1])}
+    if name == "head only":
+        return {"density": 0.1, "labels": _head_only_labels}  # no sparse leaf: density unused
+    return None
+
+
 def make_optimizer(name: str, args: argparse.Namespace) -> tuple[optax.GradientTransformation, str]:
     """Build method ``name`` (see :func:`method_names`); returns ``(tx, description)``."""
+    selection = nanoadam_selection(name)
     if name.startswith("nanoadam d="):
-        density = float(name.split("=", 1)[1])
-        tx = nanoadam.nanoadam(
-            learning_rate=args.lr_nanoadam, density=density, mask_interval=args.mask_interval
-        )
+        tx = nanoadam.nanoadam(args.lr_nanoadam, mask_interval=args.mask_interval, **selection)
         desc = (
-            f"nanoadam.nanoadam(lr={args.lr_nanoadam:g}, density={density:g}, "
+            f"nanoadam.nanoadam(lr={args.lr_nanoadam:g}, density={selection['density']:g}, "
             f"mask_interval={args.mask_interval})"
         )
         return tx, desc
@@ -241,7 +257,7 @@ def make_optimizer(name: str, args: argparse.Namespace) -> tuple[optax.GradientT
     if name == "head only":
         # Control: Adam on the head alone (the body frozen), at NanoAdam's learning rate. What
         # NanoAdam gains over it on the new task comes from its sparse body updates.
-        tx = nanoadam.nanoadam(args.lr_nanoadam, labels=_head_only_labels)
+        tx = nanoadam.nanoadam(args.lr_nanoadam, **selection)
         return tx, f"Adam on the head only, body frozen (lr={args.lr_nanoadam:g})"
     raise ValueError(f"unknown method {name!r}")
 
@@ -283,6 +299,10 @@ def train_and_evaluate(
     model = nnx.clone(base_model)
     # Fresh buffers: the train step donates the model's arrays, which must not free base_model's.
     nnx.update(model, jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(model)))
+    selection = nanoadam_selection(name)
+    plan = None
+    if selection is not None:
+        plan = show_plan(nnx.state(model, nnx.Param), f"{name}: NanoAdam's plan", **selection)
     tx, description = make_optimizer(name, args)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     initial = {
@@ -337,6 +357,7 @@ def train_and_evaluate(
         "touched_fraction": touched["all"],
         "touched_fraction_body": touched["body"],
         "optimizer_state_bytes": state_bytes,
+        "plan": plan,
         "seconds": seconds,
         "losses": losses,
         "eval_steps": eval_steps,

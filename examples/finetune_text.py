@@ -3,8 +3,11 @@
 The main demo of ``nanoadam-jax``. Both optimizers start from the same pretrained all-MiniLM-L6-v2
 encoder and the same randomly initialised linear ``head``, see the same batches in the same order
 and are evaluated on the same held-out reviews. NanoAdam only updates the ``--density`` fraction
-of smallest-magnitude weights of each tensor (re-selected every ``--mask-interval`` steps) plus the
-head and LayerNorms, and keeps Adam moments only for the selected entries.
+of smallest-magnitude weights of each tensor (exactly that fraction of every chunk of at most 16,384
+consecutive entries, re-selected every ``--mask-interval`` steps) plus the head and LayerNorms, and
+keeps Adam moments only for the selected entries. Before training it prints its plan
+(``nanoadam_jax.plan``): per leaf the label, chunking, entries trained and state bytes against
+``optax.adamw``'s.
 
 Everything runs offline on CPU; the data and weights come from pip packages installed with
 ``--no-deps`` (see ``examples/common/assets.py``). With the defaults the whole script takes a few
@@ -40,6 +43,7 @@ import numpy as np
 import optax
 from common import assets, cli
 from common.minilm import MiniLMClassifier, MiniLMTokenizer
+from common.plans import show_plan
 from common.progress import progress
 from common.results import environment, write_results
 from flax import nnx
@@ -305,6 +309,13 @@ def train_and_evaluate(
     model = nnx.clone(base_model)
     # Fresh buffers: the train step donates the model's arrays, which must not free base_model's.
     nnx.update(model, jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(model)))
+    plan = None
+    if name == "nanoadam":
+        plan = show_plan(
+            nnx.state(model, nnx.Param),
+            f"NanoAdam's plan (density {args.density:g}): what it trains and stores per leaf",
+            density=args.density,
+        )
     tx, description = make_optimizer(name, args)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     initial = {
@@ -356,6 +367,7 @@ def train_and_evaluate(
         "accuracy": eval_accs[-1],
         "initial_accuracy": eval_accs[0],
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "plan": plan,
         "param_bytes": int(sum(v.nbytes for v in initial.values())),
         "num_params": int(n_params),
         "step_memory": memory,

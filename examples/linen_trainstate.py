@@ -12,7 +12,9 @@ Training is the usual Linen recipe, with NanoAdam as the ``tx``::
 
 The head is recognised by its name (``head``) and updated densely, every other kernel and bias
 sparsely (``nanoadam.default_labels``); a Linen model whose last layer is called ``Dense_1`` needs
-``name="head"`` or a ``labels=`` predicate.
+``name="head"`` or a ``labels=`` predicate. The script prints the plan first
+(``nanoadam.plan(params, density=...)``: per leaf the label, chunking, entries trained and state
+bytes against ``optax.adamw``'s), which shows that choice before any training.
 
 Data, batches and defaults are those of ``continual_vision.py`` (same split, same batch order for
 the same ``--seed``), so with the same settings the result matches its ``nanoadam d=0.1`` run; if
@@ -41,6 +43,7 @@ import numpy as np
 import optax
 from common import assets, cli
 from common.mnist_cnn import load_mnist_cnn, normalize_images
+from common.plans import show_plan
 from common.progress import progress
 from common.results import environment, write_results
 from continual_vision import ASSET_NAMES, batch_schedule, load_tasks
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise RuntimeError(f"Linen and NNX models disagree: max |logit diff| {max_logit_diff}")
     task1_head = params["head"]  # the old task keeps its own (pretrained) head
 
+    plan = show_plan(params, "NanoAdam's plan for the Linen params", density=args.density)
     tx = nanoadam.nanoadam(args.lr, density=args.density, mask_interval=args.mask_interval)
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     labels = nanoadam.label_params(params)  # what the default labelling makes of this model
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "forgetting_own_head": first["old_own_head"] - last["old_own_head"],
         "forgetting_shared_head": first["old_shared_head"] - last["old_shared_head"],
         "touched_fraction_body": moved / body,
+        "plan": plan,
         "final_loss": losses[-1],
         "losses": losses,
         "curve": curve,

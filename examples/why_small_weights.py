@@ -12,7 +12,7 @@ new head) and again after ``--steps`` AdamW fine-tuning steps, and writes:
 * ``why_small_weights.png``: log-log scatters of ``|w|`` vs ``|g|`` for the attention query and
   value kernels and the FFN (intermediate) kernel of layer ``--layer`` and for the new head, at
   both snapshots, with the mean ``|g|`` per ``|w|`` bin drawn over the cloud; the entries NanoAdam
-  would select at density 0.1 are highlighted;
+  would select at density 0.1 (its per-chunk rule, computed by the library) are highlighted;
 * ``why_small_weights_layers.png``: the star-shape ratio (below) for every kernel of every layer;
 * ``why_small_weights.json`` / ``.md``: per kernel and snapshot,
 
@@ -27,6 +27,8 @@ new head) and again after ``--steps`` AdamW fine-tuning steps, and writes:
     weights over that of the 30% largest (the paper reports about 2 for BERT with AdamW).
 
 Embedding tables are left out: their gradient is zero on every row whose token is not in the batch.
+At the start the script prints NanoAdam's plan for the model at density 0.1
+(``nanoadam_jax.plan``: per leaf the label, chunking, entries trained and state bytes).
 
 ::
 
@@ -37,22 +39,25 @@ Embedding tables are left out: their gradient is zero on every row whose token i
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from common import assets, cli
 from common.minilm import MiniLMClassifier, MiniLMTokenizer
+from common.plans import show_plan
 from common.progress import progress
 from common.results import environment, write_results
 from flax import nnx
 
 import nanoadam_jax as nanoadam
 
-__all__ = ["kernel_name", "main", "parse_args", "star_metrics"]
+__all__ = ["kernel_name", "main", "nanoadam_pick", "parse_args", "select", "star_metrics"]
 
 FULL_DEFAULTS = dict(steps=20, batch_size=32, probe_batch=64, seq_len=48, num_layers=6, layer=3)
 SMOKE_DEFAULTS = dict(steps=2, batch_size=8, probe_batch=8, seq_len=16, num_layers=1, layer=0)
@@ -160,16 +165,25 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return r
 
 
-#: The library's selection, jitted (one compilation per shape instead of per operation).
-_select_mask = jax.jit(nanoadam.select_mask)
+@functools.partial(jax.jit, static_argnums=1)
+def nanoadam_pick(w: jax.Array, density: float) -> jax.Array:
+    """The entries NanoAdam selects in the matrix ``w`` at ``density``: a bool mask like ``w``.
+
+    The library's own rule (``nanoadam.magnitude_mask``, as a sparse leaf of the model gets it):
+    the ``round(density * C)`` smallest ``|w|`` of every chunk of ``C <= 16384`` consecutive
+    entries, so it can differ slightly from a whole-matrix pick such as :func:`select`.
+    """
+    params = {"w": w}
+    tx = nanoadam.magnitude_mask(density, labels=lambda path, leaf: nanoadam.SPARSE)
+    kept, _ = tx.update({"w": jnp.ones_like(w)}, tx.init(params), params)
+    return kept["w"] != 0
 
 
 def select(x: np.ndarray, density: float, criterion: str = "smallest") -> np.ndarray:
     """Flat bool mask of exactly ``round(density * n)`` entries of smallest (or largest) ``|x|``.
 
-    The statistics use this numpy version (no compilation per shape); the scatter's highlight
-    uses the library's own :func:`nanoadam_jax.select_mask`, which picks the same entries up to
-    ties.
+    The statistics use this numpy version, over the whole matrix (no compilation per shape);
+    the scatter's highlight uses NanoAdam's own, per-chunk selection (:func:`nanoadam_pick`).
     """
     a = np.abs(x).reshape(-1)
     k = min(max(int(np.floor(density * a.size + 0.5)), 1), a.size)
@@ -224,7 +238,7 @@ def save_scatter(snapshots, chosen: list[str], args, path: Path) -> None:
             if name == "head":  # NanoAdam updates the head densely: nothing to highlight
                 sel = np.zeros(aw.size, bool)
             else:  # NanoAdam's pick at density 0.1, by the library's own selection
-                sel = np.asarray(_select_mask(w, SMALL)).reshape(-1)
+                sel = np.asarray(nanoadam_pick(w, SMALL)).reshape(-1)
             idx = np.arange(aw.size)
             if aw.size > args.max_points:
                 idx = rng.choice(aw.size, size=args.max_points, replace=False)
@@ -359,6 +373,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = MiniLMClassifier.from_pretrained(
         num_classes=2, num_layers=args.num_layers, seed=args.seed
     )
+    plan = show_plan(
+        nnx.state(model, nnx.Param),
+        f"NanoAdam's plan at density {SMALL:g} (its pick is highlighted in the scatter; this "
+        "script itself trains with AdamW)",
+        density=SMALL,
+    )
     optimizer = nnx.Optimizer(model, optax.adamw(args.lr), wrt=nnx.Param)
 
     def snapshot(step: int) -> dict[str, Any]:
@@ -390,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "snapshots": [{"step": s["step"], "metrics": s["metrics"]} for s in snapshots],
         "movement_ratio": moves,
         "train_losses": losses,
+        "nanoadam_plan": plan,
         "environment": environment(),
         "wall_seconds": None,
     }

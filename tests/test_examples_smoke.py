@@ -64,6 +64,11 @@ def test_finetune_text_smoke(tmp_path):
         assert run["mean_step_seconds"] > 0
         assert 0.0 < run["touched_fraction"] <= 1.0
     assert results["optimizers"]["adamw"]["accuracy"] == returned["optimizers"]["adamw"]["accuracy"]
+    # The plan printed before training counts the state NanoAdam really holds.
+    nano = results["optimizers"]["nanoadam"]
+    assert nano["plan"]["state_bytes"] == nano["optimizer_state_bytes"]
+    assert nano["plan"]["state_bytes"] < nano["plan"]["adamw_bytes"]
+    assert results["optimizers"]["adamw"]["plan"] is None
     table = (tmp_path / "finetune_text.md").read_text()
     assert "nanoadam" in table and "adamw" in table
     assert_provenance(results, table)
