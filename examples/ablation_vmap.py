@@ -4,8 +4,25 @@ The pretrained MNIST CNN is fine-tuned on 90-degree rotated MNIST (the task of
 ``continual_vision.py``) with NanoAdam at many densities at once: the whole training run (optimizer
 init, a ``jax.lax.scan`` over the steps, the final evaluation on both tasks) is one function of the
 density, ``jax.vmap``-ed over a vector of densities and ``jax.jit``-compiled once. This works
-because ``nanoadam.nanoadam`` accepts a traced ``density``; ``max_density=1.0`` sizes the compact
-moment buffers for the largest density in the vector.
+because ``nanoadam.nanoadam`` accepts a traced ``density``; a traced density at ``init`` needs
+``max_density``, here the largest density of the grid, which sizes every run's compact state
+(positions and moments per chunk). The script prints NanoAdam's plan first (``nanoadam.plan``:
+per leaf the label, chunking, entries trained and state bytes at ``max_density``, against
+``optax.adamw``'s) and the entries trained at each density.
+
+**What the grid costs.** After the ablation the script times one step of the vmapped grid
+against one step of each single run (``nanoadam(density=d)`` with a Python float, jitted on its
+own), interleaved, after compilation, on an ordinary step (no refresh due) and on a refresh step,
+and writes the ratio ``grid / sum of single runs`` into the results (``vmap_cost``), with compile
+times and state bytes. The refresh is a ``lax.cond`` that stays a real conditional under
+``vmap`` (the library's ``custom_vmap`` rule), so an ordinary grid step does no selection work:
+it is cheaper than a refresh step of the grid, as a single run's ordinary step is cheaper than its
+refresh step (the results give both differences).
+What still makes the grid dearer than the sum: every run's state is sized for the grid's largest
+density, so a small density's run gathers and scatters as many entries as the largest one (the
+table also times single runs with that state size: ``ratio_same_state``, about 1x), and XLA:CPU
+may run the model vmapped over parameter copies more slowly than one copy at a time (a control,
+the same model and grid with ``optax.adam``: ``adam_ratio``).
 
 The selection criterion (``"smallest"``, ``"random"``, ``"largest"``) changes the program, so it
 cannot be vmapped: the script compiles one program per criterion (a loop of three compilations)
@@ -32,13 +49,15 @@ pass reproduces the NNX model's logits.
     python examples/ablation_vmap.py --smoke    # 2 densities, 3 steps (seconds)
     python examples/ablation_vmap.py --help
 
-Outputs (in ``--out``): ``ablation_vmap.json``, ``ablation_vmap.md`` and ``ablation_vmap.png``
-(new- and old-task accuracy against density, one line per criterion).
+Outputs (in ``--out``): ``ablation_vmap.json``, ``ablation_vmap.md`` (accuracy table, compile
+counts, the grid's cost against the single runs) and ``ablation_vmap.png`` (new- and old-task
+accuracy against density, one line per criterion).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +68,7 @@ import numpy as np
 import optax
 from common import assets, cli
 from common.mnist_cnn import load_mnist_cnn, normalize_images
+from common.plans import show_plan
 from common.progress import progress
 from common.results import environment, write_results
 from continual_vision import ASSET_NAMES, batch_schedule, load_tasks
@@ -59,9 +79,12 @@ import nanoadam_jax as nanoadam
 __all__ = [
     "CRITERIA",
     "cnn_apply",
+    "format_cost_table",
     "format_table",
     "main",
+    "make_optimizer",
     "make_program",
+    "measure_vmap_cost",
     "parse_args",
     "pretrained_params",
 ]
@@ -93,6 +116,7 @@ FULL_DEFAULTS = dict(
     test_examples=1000,
     mask_interval=25,
     densities="0.01,0.02,0.05,0.1,0.2,0.5,1.0",
+    timing_repeats=20,
 )
 SMOKE_DEFAULTS = dict(
     steps=3,
@@ -101,6 +125,7 @@ SMOKE_DEFAULTS = dict(
     test_examples=64,
     mask_interval=2,
     densities="0.1,1.0",
+    timing_repeats=3,
 )
 
 
@@ -120,6 +145,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sized("--test-examples", "test_examples", int, "held-out images (of the 1,000 test images)")
     sized("--mask-interval", "mask_interval", int, "re-select the weights every N steps")
     sized("--densities", "densities", str, "comma-separated densities, vmapped in one program")
+    sized(
+        "--timing-repeats",
+        "timing_repeats",
+        int,
+        "repeats of the timed grid step and single-run steps (vmap cost; 0: not measured)",
+    )
     p.add_argument(
         "--criteria", default=",".join(CRITERIA), help="comma-separated selection criteria"
     )
@@ -147,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--criteria must be a non-empty subset of {list(CRITERIA)}")
     if min(args.steps, args.batch_size, args.mask_interval) < 1:
         p.error("--steps, --batch-size and --mask-interval must be >= 1")
+    if args.timing_repeats < 0:
+        p.error("--timing-repeats must be >= 0")
     if not 1 <= args.test_examples <= 1000:
         p.error("--test-examples must be in 1..1000")
     return args
@@ -196,6 +229,32 @@ def _accuracy(params: dict, images: jax.Array, labels: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 
 
+def make_optimizer(
+    density: Any, criterion: str, args: argparse.Namespace, max_density: float | None = None
+) -> optax.GradientTransformation:
+    """The NanoAdam optimizer of one run: ``density`` may be traced (the vmapped grid), and
+    then ``max_density`` (the grid's largest density) sizes its state."""
+    return nanoadam.nanoadam(
+        args.lr,
+        density=density,
+        mask_interval=args.mask_interval,
+        criterion=criterion,
+        max_density=max_density,
+        seed=args.seed,
+    )
+
+
+def _loss_fn(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(cnn_apply(p, x), y).mean()
+
+
+def _train_step(tx: optax.GradientTransformation, p: dict, opt_state: Any, x, y):
+    """One NanoAdam step of the CNN: ``(new_params, new_opt_state, loss)``."""
+    loss, grads = jax.value_and_grad(_loss_fn)(p, x, y)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, loss
+
+
 def make_program(criterion: str, args: argparse.Namespace, on_step=None):
     """The jitted, vmapped training program of one criterion, and its trace counter.
 
@@ -211,26 +270,15 @@ def make_program(criterion: str, args: argparse.Namespace, on_step=None):
 
     def train_one(density, params, xb, yb, new_x, old_x, test_y):
         trace_count[0] += 1  # runs at trace time only
-        tx = nanoadam.nanoadam(
-            args.lr,
-            density=density,
-            mask_interval=args.mask_interval,
-            criterion=criterion,
-            max_density=1.0,
-            seed=args.seed,
-        )
-
-        def loss_fn(p, x, y):
-            return optax.softmax_cross_entropy_with_integer_labels(cnn_apply(p, x), y).mean()
+        tx = make_optimizer(density, criterion, args, max_density=max(args.densities))
 
         def step(carry, batch):
             p, opt_state = carry
             i, x, y = batch
-            loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-            updates, opt_state = tx.update(grads, opt_state, p)
+            p, opt_state, loss = _train_step(tx, p, opt_state, x, y)
             if on_step is not None:
                 jax.debug.callback(on_step, i)  # unbatched argument: one call per step
-            return (optax.apply_updates(p, updates), opt_state), loss
+            return (p, opt_state), loss
 
         steps = jnp.arange(xb.shape[0])
         (final, _), losses = jax.lax.scan(step, (params, tx.init(params)), (steps, xb, yb))
@@ -249,6 +297,223 @@ def make_program(criterion: str, args: argparse.Namespace, on_step=None):
 
     in_axes = (0, None, None, None, None, None, None)
     return jax.jit(jax.vmap(train_one, in_axes=in_axes)), trace_count
+
+
+# ------------------------------------------------------------------------------------------------
+# The cost of the vmapped grid: one grid step against the single runs' steps
+# ------------------------------------------------------------------------------------------------
+
+
+def _nbytes(tree: Any) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def _timed(fn, *inputs) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*inputs))
+    return time.perf_counter() - t0
+
+
+def _compile(fn, inputs: tuple, compiler_options: dict | None) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    compiled = fn.lower(*inputs).compile(compiler_options=compiler_options)
+    return compiled, time.perf_counter() - t0
+
+
+def _single_runs(
+    criterion: str,
+    args: argparse.Namespace,
+    params: dict,
+    x: jax.Array,
+    y: jax.Array,
+    compiler_options: dict | None,
+    max_density: float | None,
+) -> list[dict[str, Any]]:
+    """One jitted NanoAdam step per density (a Python float), compiled, after its step 0."""
+    runs = []
+    for d in args.densities:
+        tx = make_optimizer(d, criterion, args, max_density)
+        state0 = tx.init(params)
+        inputs0 = (params, state0, x, y)
+        step, compile_s = _compile(
+            jax.jit(functools.partial(_train_step, tx)), inputs0, compiler_options
+        )
+        p1, state1, _ = step(*inputs0)  # step 0: the first selection
+        runs.append(
+            {
+                "step": step,
+                "refresh_inputs": inputs0,
+                "inputs": (p1, state1, x, y),
+                "compile_seconds": compile_s,
+                "state_bytes": _nbytes(state1),
+            }
+        )
+    return runs
+
+
+def measure_vmap_cost(
+    criterion: str,
+    args: argparse.Namespace,
+    params: dict,
+    x: jax.Array,
+    y: jax.Array,
+    compiler_options: dict | None = None,
+) -> dict[str, Any]:
+    """Time one step of the vmapped grid against the sum of one step of each single run.
+
+    The single runs are what one would run on their own: ``nanoadam(density=d)`` with a Python
+    float ``d`` (state sized for ``d``), each jitted on its own. The grid is the vmapped step of
+    the training program (a traced density; every run's state sized by ``max_density``, the
+    grid's largest density). Everything is compiled first (compile times recorded), takes its
+    step-0 step (a refresh: the first selection), and is then timed, interleaved,
+    ``--timing-repeats`` times on one batch from the state after that step. Step 1 has no
+    refresh due (``mask_interval >= 2``), so the timed steps are ordinary steps: if the refresh
+    conditional became a ``select`` under ``vmap`` (both branches run), every grid step would pay
+    for a refresh.
+
+    Also timed the same way: the single runs with the grid's state size (``max_density`` set:
+    the same work per run as in the grid, so their ratio is the cost of ``vmap`` alone), the
+    refresh step (from the initial state), and a control, the same model and grid with
+    ``optax.adam`` (no selection), whose ratio is the cost of vmapping the model itself.
+
+    Returns:
+      A dict of medians over the repeats: ``ratio`` (grid step / sum of the single runs' steps),
+      ``ratio_same_state``, ``adam_ratio``, ``refresh_ratio``, the times behind them, what a
+      skipped refresh saves (refresh step minus ordinary step, grid and singles), compile times
+      and state bytes.
+    """
+    densities = list(args.densities)
+    grid_max = max(densities)
+    singles = _single_runs(criterion, args, params, x, y, compiler_options, None)
+    sized = _single_runs(criterion, args, params, x, y, compiler_options, grid_max)
+
+    def grid_one(d, p, opt_state, xx, yy):
+        return _train_step(make_optimizer(d, criterion, args, grid_max), p, opt_state, xx, yy)
+
+    ds = jnp.asarray(densities, jnp.float32)
+    grid_params = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(densities), *a.shape)), params)
+    grid_state0 = jax.jit(
+        jax.vmap(lambda d: make_optimizer(d, criterion, args, grid_max).init(params))
+    )(ds)
+    grid_refresh_inputs = (ds, grid_params, grid_state0, x, y)
+    grid, grid_compile_s = _compile(
+        jax.jit(jax.vmap(grid_one, in_axes=(0, 0, 0, None, None))),
+        grid_refresh_inputs,
+        compiler_options,
+    )
+    gp1, grid_state1, _ = grid(*grid_refresh_inputs)
+    grid_inputs = (ds, gp1, grid_state1, x, y)
+
+    # Control: the same model and grid with optax.adam (no selection), vmapped over copies of
+    # the parameters. Its ratio is what vmapping the model's forward and backward pass costs.
+    adam = optax.adam(args.lr)
+    adam_inputs = (params, adam.init(params), x, y)
+    adam_grid_inputs = (grid_params, jax.vmap(lambda _: adam.init(params))(ds), x, y)
+    adam_single, _ = _compile(
+        jax.jit(functools.partial(_train_step, adam)), adam_inputs, compiler_options
+    )
+    adam_grid, _ = _compile(
+        jax.jit(jax.vmap(functools.partial(_train_step, adam), in_axes=(0, 0, None, None))),
+        adam_grid_inputs,
+        compiler_options,
+    )
+    jax.block_until_ready((adam_single(*adam_inputs), adam_grid(*adam_grid_inputs)))
+
+    keys = ("grid", "single", "sized", "adam_grid", "adam", "grid_refresh", "single_refresh")
+    times: dict[str, list] = {k: [] for k in keys}
+    for _ in range(args.timing_repeats):  # interleaved, so load changes hit all alike
+        times["grid"].append(_timed(grid, *grid_inputs))
+        times["single"].append(sum(_timed(r["step"], *r["inputs"]) for r in singles))
+        times["sized"].append(sum(_timed(r["step"], *r["inputs"]) for r in sized))
+        times["adam_grid"].append(_timed(adam_grid, *adam_grid_inputs))
+        times["adam"].append(sum(_timed(adam_single, *adam_inputs) for _ in densities))
+        times["grid_refresh"].append(_timed(grid, *grid_refresh_inputs))
+        times["single_refresh"].append(
+            sum(_timed(r["step"], *r["refresh_inputs"]) for r in singles)
+        )
+    t = {k: float(np.median(v)) for k, v in times.items()}
+    ratio_same_state = t["grid"] / t["sized"]
+    adam_ratio = t["adam_grid"] / t["adam"]
+    return {
+        "criterion": criterion,
+        "densities": densities,
+        "max_density": grid_max,
+        "repeats": args.timing_repeats,
+        "timed_step": 1,
+        "refresh_due_in_timed_steps": args.mask_interval < 2,
+        "fast_compile": bool(compiler_options),
+        "vmapped_step_seconds": t["grid"],
+        "sum_single_step_seconds": t["single"],
+        "ratio": t["grid"] / t["single"],
+        "sum_single_same_state_step_seconds": t["sized"],
+        "ratio_same_state": ratio_same_state,
+        "adam_vmapped_step_seconds": t["adam_grid"],
+        "adam_sum_single_step_seconds": t["adam"],
+        "adam_ratio": adam_ratio,
+        "vmapped_refresh_step_seconds": t["grid_refresh"],
+        "sum_single_refresh_step_seconds": t["single_refresh"],
+        "refresh_ratio": t["grid_refresh"] / t["single_refresh"],
+        # What skipping the refresh saves: a refresh step minus an ordinary step. If the cond
+        # became a select under vmap, the grid's saving would be about zero.
+        "vmapped_refresh_saving_seconds": t["grid_refresh"] - t["grid"],
+        "sum_single_refresh_saving_seconds": t["single_refresh"] - t["single"],
+        "vmapped_compile_seconds": grid_compile_s,
+        "single_compile_seconds": [r["compile_seconds"] for r in singles],
+        "sum_single_compile_seconds": float(sum(r["compile_seconds"] for r in singles)),
+        "vmapped_state_bytes": _nbytes(grid_state1),
+        "single_state_bytes": [r["state_bytes"] for r in singles],
+        "sum_single_state_bytes": int(sum(r["state_bytes"] for r in singles)),
+    }
+
+
+def format_cost_table(cost: dict[str, Any]) -> str:
+    """Markdown: the vmapped grid against the sum of the single runs (steps, compile, state)."""
+    n = len(cost["densities"])
+
+    def ms(x: float) -> str:
+        return f"{1e3 * x:,.1f} ms"
+
+    def kib(x: int) -> str:
+        return f"{x / 1024:,.1f} KiB"
+
+    top = cost["max_density"]
+    rows = [
+        ("ordinary step (no refresh due)", ms(cost["vmapped_step_seconds"]),
+         ms(cost["sum_single_step_seconds"]), f"{cost['ratio']:.2f}x"),
+        (f"ordinary step, single runs sized like the grid (max_density={top:g})",
+         ms(cost["vmapped_step_seconds"]), ms(cost["sum_single_same_state_step_seconds"]),
+         f"{cost['ratio_same_state']:.2f}x"),
+        ("control: the same step with optax.adam", ms(cost["adam_vmapped_step_seconds"]),
+         ms(cost["adam_sum_single_step_seconds"]), f"{cost['adam_ratio']:.2f}x"),
+        ("refresh step (new selection)", ms(cost["vmapped_refresh_step_seconds"]),
+         ms(cost["sum_single_refresh_step_seconds"]), f"{cost['refresh_ratio']:.2f}x"),
+        ("compile", f"{cost['vmapped_compile_seconds']:.1f} s",
+         f"{cost['sum_single_compile_seconds']:.1f} s",
+         f"{cost['vmapped_compile_seconds'] / cost['sum_single_compile_seconds']:.2f}x"),
+        ("optimizer state", kib(cost["vmapped_state_bytes"]), kib(cost["sum_single_state_bytes"]),
+         f"{cost['vmapped_state_bytes'] / cost['sum_single_state_bytes']:.2f}x"),
+    ]  # fmt: skip
+    lines = [
+        f"| criterion {cost['criterion']!r} | vmapped grid ({n} densities, one call) | "
+        f"{n} single runs (sum) | grid / sum |",
+        "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
+        "",
+        f"Medians of {cost['repeats']} interleaved repeats after compilation, on one batch; the "
+        "ordinary step is step 1 (no refresh due). Single runs: `nanoadam(density=d)` with a "
+        "Python float, state sized for `d`; the grid: a traced density, every run's state sized "
+        f"for `max_density={top:g}` (so a small density's run gathers and scatters {top:g} of "
+        "each chunk, padded: the second row gives the single runs that state size). The "
+        "optax.adam control is the same model and grid without selection: its ratio is what "
+        "vmapping the model's forward and backward pass costs. A refresh step of the grid costs "
+        f"{ms(cost['vmapped_refresh_saving_seconds'])} more than an ordinary one (the single "
+        f"runs: {ms(cost['sum_single_refresh_saving_seconds'])} in sum): the ordinary grid step "
+        "skips the refresh, as a single run does (a refresh `select`ed under vmap would make "
+        "the two cost the same)."
+        + (" Compiled with XLA's backend optimisation off (--fast-compile): not representative."
+           if cost["fast_compile"] else ""),
+    ]  # fmt: skip
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,6 +636,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(pure CNN vs NNX: max |logit diff| {max_logit_diff:.1e})."
     )
 
+    # What the optimizer trains and stores: the full plan at the smallest density, then the
+    # trained entries at each density (every run's state is sized for the largest).
+    grid_max = max(args.densities)
+    plans = {
+        d: nanoadam.plan(params, density=d, max_density=grid_max, show=False)
+        for d in args.densities
+    }
+    plan = show_plan(
+        params,
+        f"NanoAdam's plan at density {min(args.densities):g}, state sized for max_density="
+        f"{grid_max:g} (the grid's largest density):",
+        density=min(args.densities),
+        max_density=grid_max,
+    )
+    per_density = [
+        {"density": d, "trained_entries": sum(leaf.trained for leaf in p.leaves)}
+        for d, p in plans.items()
+    ]
+    print(
+        "Entries trained per step, by density: "
+        + ", ".join(f"{r['density']:g}: {r['trained_entries']:,}" for r in per_density)
+        + f" (of {plan['total_entries']:,}); state per run {plan['state_bytes'] / 1024:,.1f} KiB "
+        f"(optax.adamw: {plan['adamw_bytes'] / 1024:,.1f} KiB)."
+    )
+    options = {"xla_backend_optimization_level": 0} if args.fast_compile else None
+
     runs: dict[str, Any] = {}
     for criterion in args.criteria:
         bar = progress(total=args.steps, desc=f"{criterion:>8}", enabled=not args.no_progress)
@@ -382,7 +673,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         inputs = (densities, params, xb, yb, new_x, old_x, test_y)
         n_compiles = len(_COMPILE_LOG)
         t0 = time.perf_counter()
-        options = {"xla_backend_optimization_level": 0} if args.fast_compile else None
         compiled = program.lower(*inputs).compile(compiler_options=options)  # trace + compile
         compile_s = time.perf_counter() - t0
         bar.set_postfix(compile=f"{compile_s:.1f}s")
@@ -412,6 +702,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{len(args.densities)} densities trained in one call ({run_s:.1f} s)"
         )
 
+    cost = None
+    if args.timing_repeats:
+        criterion = "smallest" if "smallest" in args.criteria else args.criteria[0]
+        print(f"\nTiming one vmapped grid step against the {len(args.densities)} single runs...")
+        cost = measure_vmap_cost(criterion, args, params, xb[0], yb[0], options)
+        print(
+            f"grid step {1e3 * cost['vmapped_step_seconds']:.1f} ms vs single runs' steps "
+            f"{1e3 * cost['sum_single_step_seconds']:.1f} ms in sum: {cost['ratio']:.2f}x; with "
+            f"the grid's state size {cost['ratio_same_state']:.2f}x, optax.adam control "
+            f"{cost['adam_ratio']:.2f}x."
+        )
+
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results = {
         "config": config,
@@ -422,9 +724,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pure_vs_nnx_max_logit_diff": max_logit_diff,
         "environment": environment(),
         "criteria": runs,
+        "plan": {**plan, "max_density": grid_max, "per_density": per_density},
+        "vmap_cost": cost,
         "wall_seconds": None,
     }
     table = format_table(results)
+    if cost is not None:
+        table += "\n\n" + format_cost_table(cost)
     print()
     print(table)
 

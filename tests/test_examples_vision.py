@@ -75,6 +75,10 @@ def test_continual_vision_smoke(tmp_path):
         assert r["eval_steps"][0] == 0 and r["eval_steps"][-1] == steps
         assert len(r["new_task_curve"]) == len(r["eval_steps"])
         assert r["optimizer_state_bytes"] > 0
+        # The printed plan (NanoAdam methods) counts the state the optimizer really holds.
+        if name != "adamw":
+            assert r["plan"]["state_bytes"] == r["optimizer_state_bytes"], name
+    assert methods["head only"]["plan"]["sparse_leaves"] == 0
     # Who moves what: NanoAdam a small part of the body, the head-only control none of it.
     assert 0.0 < methods["nanoadam d=0.1"]["touched_fraction_body"] <= 0.25
     assert methods["head only"]["touched_fraction_body"] == 0.0
@@ -114,6 +118,25 @@ def test_ablation_vmap_smoke(tmp_path):
     at_one = [r["new_task_accuracy"][1] for r in results["criteria"].values()]
     assert max(at_one) - min(at_one) < 1e-6
     assert results["pure_vs_nnx_max_logit_diff"] < 1e-3
+    # The printed plan: state sized for the grid's largest density, entries trained per density.
+    plan = results["plan"]
+    assert plan["max_density"] == max(densities)
+    assert [r["density"] for r in plan["per_density"]] == densities
+    trained = [r["trained_entries"] for r in plan["per_density"]]
+    assert 0 < trained[0] < trained[1] == plan["total_entries"]  # density 1.0 trains everything
+    # The grid's cost against the single runs, timed after compilation on a step with no
+    # refresh due (the times themselves are too noisy to bound in a smoke run).
+    cost = results["vmap_cost"]
+    assert cost["densities"] == densities and cost["repeats"] >= 1
+    assert cost["timed_step"] == 1 and cost["refresh_due_in_timed_steps"] is False
+    for key in ("ratio", "ratio_same_state", "adam_ratio", "refresh_ratio"):
+        assert math.isfinite(cost[key]) and cost[key] > 0, key
+    assert cost["ratio"] == pytest.approx(
+        cost["vmapped_step_seconds"] / cost["sum_single_step_seconds"]
+    )
+    # Every run of the grid holds a state sized for max_density: more than the single runs.
+    assert cost["vmapped_state_bytes"] > cost["sum_single_state_bytes"]
+    assert "single runs (sum)" in (tmp_path / "ablation_vmap.md").read_text()
 
 
 def test_linen_trainstate_smoke(tmp_path):
@@ -131,6 +154,7 @@ def test_linen_trainstate_smoke(tmp_path):
     assert len(results["losses"]) == results["config"]["steps"]
     assert all(math.isfinite(x) for x in results["losses"])
     assert results["curve"][0]["step"] == 0
+    assert results["plan"]["sparse_leaves"] > 0 and results["plan"]["dense_leaves"] == 2
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
