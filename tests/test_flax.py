@@ -1,5 +1,12 @@
-"""End-to-end use from Flax: nnx.Optimizer and Linen's TrainState."""
+"""End-to-end use from Flax: nnx.Optimizer and Linen's TrainState.
 
+Each step moves exactly ``k`` entries of every chunk of each sparse kernel (``k`` of the
+chunk, ``num_selected(chunk, density)``), the dense head and norm move entirely, and the
+compact state has the chunked shape ``(*chunk_grid, capacity)``. Stacked layers are
+covered in ``test_stacked_layers.py``, meshes in ``test_sharding.py``.
+"""
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +45,11 @@ def count_changed(before, after):
             jax.tree_util.tree_leaves_with_path(after), jax.tree.leaves(before), strict=True
         )
     }
+
+
+def changed_per_chunk(before, after, chunk):
+    """Changed entries of each chunk of ``chunk`` consecutive (row-major) entries."""
+    return (np.asarray(before) != np.asarray(after)).reshape(-1, chunk).sum(axis=1)
 
 
 def test_nnx_optimizer_changes_exactly_k_entries_per_step():
@@ -93,3 +105,57 @@ def test_linen_train_state_changes_exactly_k_entries_per_step():
         assert changed["dense_0/bias"] == 8
         assert changed["head/kernel"] == 64
     assert int(state.step) == 9
+
+
+def test_nnx_optimizer_changes_exactly_k_entries_per_chunk():
+    """Kernels of several chunks (``chunk_size=64``: chunks of 2 rows of 32): every chunk
+    moves exactly ``k = round(0.1 * 64) = 6`` entries per step, across refreshes."""
+    model = Mlp(nnx.Rngs(0))
+    tx = nanoadam.nanoadamw(1e-2, density=0.1, mask_interval=3, chunk_size=64)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    state = optimizer.opt_state[0]
+    chex.assert_shape(state.selected["hidden"]["kernel"].get_value(), (4, 6))
+    chex.assert_shape(state.sparse_inner_state[0].mu["hidden"]["kernel"].get_value(), (4, 6))
+    assert state.selected["hidden"]["kernel"].get_value().dtype == jnp.uint16
+    chex.assert_shape(state.selected["hidden"]["bias"].get_value(), (3,))  # one chunk of 32
+    assert state.selected["head"]["kernel"] is None  # dense
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        grads = nnx.grad(lambda m: xent(m(x), y))(model)
+        optimizer.update(model, grads)
+
+    for i in range(7):  # refreshes at steps 0, 3 and 6
+        before = np.asarray(model.hidden.kernel.get_value())
+        train_step(model, optimizer, *batch(i))
+        counts = changed_per_chunk(before, model.hidden.kernel.get_value(), 64)
+        np.testing.assert_array_equal(counts, [6, 6, 6, 6])
+    assert int(optimizer.opt_state[0].sparse_step.get_value()) == 7
+
+
+def test_linen_train_state_changes_exactly_k_entries_per_chunk():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = jax.nn.relu(nn.Dense(64)(x))
+            return nn.Dense(2, name="head")(x)
+
+    net = Net()
+    params = net.init(jax.random.PRNGKey(0), jnp.ones((1, 8)))["params"]
+    tx = nanoadam.nanoadam(1e-2, density=0.25, mask_interval=2, chunk_size=128)
+    state = train_state.TrainState.create(apply_fn=net.apply, params=params, tx=tx)
+    chex.assert_shape(state.opt_state[0].selected["Dense_0"]["kernel"], (4, 32))
+
+    @jax.jit
+    def train_step(state, x, y):
+        grads = jax.grad(lambda p: xent(state.apply_fn({"params": p}, x), y))(state.params)
+        return state.apply_gradients(grads=grads)
+
+    for i in range(5):
+        before = jax.tree.map(np.asarray, state.params)
+        state = train_step(state, *batch(i))
+        counts = changed_per_chunk(
+            before["Dense_0"]["kernel"], state.params["Dense_0"]["kernel"], 128
+        )
+        np.testing.assert_array_equal(counts, [32] * 4)
+        assert count_changed(before, state.params)["head/kernel"] == 128

@@ -241,3 +241,79 @@ def test_tokenizer_padding_override(tokenizer):
     assert ids_l.shape == (1, 9) and mask_l.all()
     ids_s, _ = tokenizer("single string")
     assert ids_s.shape == (1, 32)
+
+
+# ------------------------------------------------------------------------------------------------
+# NanoAdam on the example model (random weights: no assets needed)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_nanoadam_on_minilm_classifier_moves_k_per_chunk():
+    """The chunked compact state on a real architecture: every sparse kernel's state has the
+    ``layout.leaf_layout`` shape, LayerNorms and the head are dense, and one step moves
+    exactly ``k`` entries of every chunk of each kernel (at most ``k`` where some entries
+    get no gradient)."""
+    import jax
+    import jax.numpy as jnp
+    from common import minilm
+    from flax import nnx
+
+    import nanoadam_jax as nanoadam
+    from nanoadam_jax import layout
+
+    config = minilm.MiniLMConfig(
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+    )
+    model = minilm.MiniLMClassifier(3, config, rngs=nnx.Rngs(0))
+    density, chunk_size = 0.1, 1024
+    tx = nanoadam.nanoadam(1e-2, density=density, chunk_size=chunk_size)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    selected = nnx.to_flat_state(optimizer.opt_state[0].selected)
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    sparse = {}
+    for path, var in selected:
+        if var is None:  # dense leaf
+            continue
+        key = path[:-1] if path[-1] == "value" else path
+        shape = params[key].get_value().shape
+        lay = layout.leaf_layout(shape, chunk_size=chunk_size, max_density=density)
+        assert var.get_value().shape == lay.state_shape, (path, shape)
+        sparse[key] = lay
+    names = ["/".join(map(str, p)) for p in params]
+    dense = {n for n in names if "norm" in n or n.startswith("head")}
+    assert {"/".join(map(str, p)) for p in sparse} == set(names) - dense
+
+    ids = jax.random.randint(jax.random.PRNGKey(1), (4, 16), 1, config.vocab_size)
+    mask = jnp.ones((4, 16), jnp.int32)
+    labels = jnp.array([0, 1, 2, 0])
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss(m):
+            logits = m(ids, mask)
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+
+        optimizer.update(model, nnx.grad(loss)(model))
+
+    before = {p: np.asarray(v.get_value()) for p, v in params.items()}
+    step(model, optimizer)
+    after = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path, lay in sparse.items():
+        changed = (before[path] != np.asarray(after[path].get_value())).reshape(-1, lay.chunk)
+        counts = changed.sum(axis=1)
+        k = nanoadam.selection.num_selected_static(lay.chunk, density)
+        name = "/".join(map(str, path))
+        # Unused embedding rows get no gradient; nor does the key bias (softmax is invariant
+        # to a constant added to every score of a query).
+        if "embeddings" in name or name.endswith("key/bias"):
+            assert counts.max() <= k, path
+        else:
+            np.testing.assert_array_equal(counts, k, err_msg=str(path))
+    for path in params:
+        if "/".join(map(str, path)) in dense and "bias" not in str(path[-1]):
+            assert (before[path] != np.asarray(after[path].get_value())).all(), path

@@ -1,29 +1,36 @@
-"""Sharded fine-tuning on 8 host devices (issue 5).
+"""Sharded fine-tuning on 8 host devices: the default ``nanoadam(...)`` on a mesh.
 
-Parameters live on a ``jax.sharding.Mesh``: a 1-D FSDP mesh (every leaf split along its first
-axis) or a 2-D ``data x model`` mesh (leaves split along both axes, tensor-parallel style), in
-both sharding modes (``AxisType.Auto``: XLA propagates shardings; ``AxisType.Explicit``: the
-shardings are part of the types). What is checked:
+Parameters live on a ``jax.sharding.Mesh``: FSDP (``P("fsdp", None)``), tensor-parallel
+(``P(None, "tp")``) or 2-D (``P("fsdp", "tp")``), in both sharding modes (``AxisType.Auto``:
+XLA propagates shardings; ``AxisType.Explicit``: the shardings are part of the types, set
+with ``jax.set_mesh``). With a known sharding at ``init`` the chunk length is halved until
+every chunk lies on one shard, so the compact state ``(*chunk_grid, capacity)`` is sharded
+like the parameter rows it indexes. What is checked, for the DEFAULT configuration:
 
-* the update runs under ``jax.jit`` and gives the single-device parameters (float tolerance);
-* the density is a property of the whole logical tensor: the selected set does not depend on
-  the mesh;
-* the compiled update communicates no parameter-sized (or k-sized) array: its collectives,
-  read from the optimized HLO, carry scalars or a few per-block counts only;
-* the optimizer state is sharded like the parameters (the compact buffers along their rows),
-  also when it is built from abstract ``jax.ShapeDtypeStruct`` inputs;
-* Flax NNX: ``nnx.Optimizer`` over a model annotated with ``nnx.with_partitioning``.
+* (a) the optimizer state held by one device is at most 0.16x ``optax.adamw``'s (d = 0.1,
+  float32 moments), and stays sharded through the jitted steps;
+* (b) the compiled ``jit(update)`` communicates nothing above a few hundred bytes: every
+  collective of the module is counted, the refresh branch of the conditional included, so
+  neither an ordinary step nor a refresh moves a parameter- or k-sized array;
+* (c) the parameters after several steps (two refreshes) equal a single-device run with
+  the same chunk per leaf (read from the state's shape, and equal to
+  ``layout.leaf_layout(..., sharding=...)``), and so does the selected set;
+* (d) a leaf whose sharding no chunking fits raises a ValueError naming the leaf;
+* Flax NNX: ``nnx.Optimizer`` over a model annotated with ``nnx.with_partitioning``;
+* other configurations (``scope="leaf"`` / ``"global"``, the ``magnitude_mask ->
+  scale_by_adam -> masked_apply`` pipeline) and abstract ``init`` (``eval_shape``, ``jit``,
+  ``ShapeDtypeStruct`` inputs).
 
-Cases that do not hold yet are marked ``xfail(strict=True)`` with the root cause, so they flip
-to failures (and must be unmarked) once the library is fixed. The compiled steps are cached per
-(optimizer, mesh, mode), so each configuration compiles once for all tests.
+Each (layout, mode) configuration is set up, compiled and run once (cached) for all tests.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,62 +40,23 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import nanoadam_jax as nanoadam
+from nanoadam_jax import layout
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
     reason="needs 8 devices: run pytest from the repository root (conftest.py sets XLA_FLAGS)",
 )
 
-DENSITY = 0.25
-INTERVAL = 2  # refresh at steps 0 and 2 of the 3 steps run below
-STEPS = 3
-LR = 1e-2
-BLOCK = 128  # scope="block": each FSDP shard of every leaf holds whole blocks
-#: A collective moving more elements than this (in any operand or result) is "large". The
-#: smallest k of a sparse leaf is 256 (bias) and the most blocks of a leaf is 16 (w_rows).
-SMALL = 16
-
-# --------------------------------------------------------------------------------------
-# Reasons of the expected failures (root causes, see docs/sharding.md).
-# --------------------------------------------------------------------------------------
-
-CUMSUM = (
-    "selection: the tie-break is a cumsum over the flattened leaf (_ties_by_index / "
-    "select_global_masks) and select_mask flattens the leaf (x.reshape(-1)); XLA all-gathers "
-    "both along a sharded axis"
-)
-EXPLICIT = (
-    "explicit sharding: cumsum over a sharded axis and the flattening reshape of a leaf sharded "
-    "along a later axis raise ShardingTypeError"
-)
-COMPACT_ROWS = (
-    "compact buffers are built unsharded (jnp.full / jnp.zeros without sharding), so the "
-    "gather/scatter between the sharded leaf and the replicated (rows, k_max) buffers moves "
-    "k-sized arrays every step and the refresh gathers the mask"
-)
-LEAF_COMPACT = (
-    "by design: scope='leaf' with the compact layout keeps one k-vector per leaf whose entries "
-    "fall on the shards unevenly, so it cannot be sharded; use scope='block' with shard-aligned "
-    "blocks or state_layout='dense' on a mesh"
-)
-ZEROS = (
-    "state built with jnp.zeros(p.shape) instead of jnp.zeros_like(p): it does not inherit the "
-    "parameters' sharding (eagerly, or in the types under explicit sharding)"
-)
-#: The step keeps the state where init put it (one compilation, as in a real training loop).
-UNSHARDED = (
-    f"{CUMSUM}; and {ZEROS}, so the step also gathers parameters and masks to update the "
-    "replicated state"
-)
-NNX_METADATA = (
-    "compact buffers are placed in the parameters' tree, so nnx.Optimizer copies each Param's "
-    "sharding names onto them and shards a (rows, k_max) / (k,) array with the kernel's spec"
-)
-
-
-def xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
+DENSITY = 0.1
+INTERVAL = 2  # refresh at steps 0 and 2 of the STEPS steps run below
+STEPS = 4
+LR = 0.05  # large enough for the refresh at step 2 to change the selection
+#: A collective whose largest array (operand or result) exceeds this many bytes is "large".
+#: The smallest k-sized array of a sparse leaf is the bias's (8 chunks x 13 float32 = 416 B,
+#: 52 B per device); parameter-sized ones are kilobytes to megabytes.
+LIMIT_BYTES = 256
+#: Optimizer-state bytes per device, as a fraction of optax.adamw's (d = 0.1: about 0.127).
+STATE_RATIO = 0.16
 
 # --------------------------------------------------------------------------------------
 # Parameters, meshes, optimizers.
@@ -103,96 +71,83 @@ def make_params() -> dict:
         return rng.standard_normal(shape).astype(np.float32)
 
     return {
-        "w_rows": normal(64, 32),
-        # Multiples of 1/8: many ties at the threshold exercise the tie-break by index.
-        "w_cols": np.round(normal(32, 64) * 8) / 8,
+        "w_big": normal(4096, 1024),
+        # Multiples of 1/8: many ties at the threshold exercise the tie-break by position.
+        "w_small": np.round(normal(1024, 512) * 8) / 8,
         "bias": normal(1024) * 0.1,
-        "head": {"kernel": normal(32, 16)},  # dense (default labels)
+        "head": {"kernel": normal(512, 16)},  # dense (default labels)
     }
 
 
+SPARSE = ("w_big", "w_small", "bias")
+
 #: name -> (mesh shape, axis names, spec per leaf)
 LAYOUTS = {
-    # FSDP: every leaf split along its first axis over all 8 devices.
     "fsdp": (
         (8,),
         ("fsdp",),
         {
-            "w_rows": P("fsdp", None),
-            "w_cols": P("fsdp", None),
+            "w_big": P("fsdp", None),
+            "w_small": P("fsdp", None),
             "bias": P("fsdp"),
             "head": {"kernel": P("fsdp", None)},
         },
     ),
-    # 2-D data x model: leaves split along both axes (and the flattening order crosses shards).
+    "tp": (
+        (8,),
+        ("tp",),
+        {
+            "w_big": P(None, "tp"),
+            "w_small": P(None, "tp"),
+            "bias": P("tp"),
+            "head": {"kernel": P(None, "tp")},
+        },
+    ),
     "2d": (
         (2, 4),
-        ("data", "model"),
+        ("fsdp", "tp"),
         {
-            "w_rows": P("data", "model"),
-            "w_cols": P("model", "data"),
-            "bias": P("model"),
-            "head": {"kernel": P(None, "model")},
+            "w_big": P("fsdp", "tp"),
+            "w_small": P("tp", "fsdp"),
+            "bias": P("tp"),
+            "head": {"kernel": P("fsdp", None)},
         },
     ),
-    # 2-D mesh, FSDP over both axes (first axis split 8 ways), model axis replicated elsewhere.
-    "2d_rows": (
-        (2, 4),
-        ("data", "model"),
-        {
-            "w_rows": P(("data", "model"), None),
-            "w_cols": P("model", None),
-            "bias": P(("data", "model")),
-            "head": {"kernel": P(None, "model")},
-        },
-    ),
+}
+
+#: The chunk each sparse leaf gets on each layout: (chunk, chunk grid).
+EXPECTED_CHUNKS = {
+    "fsdp": {"w_big": (16384, (256,)), "w_small": (16384, (32,)), "bias": (128, (8,))},
+    # The brief's example: (4096, 1024) split over 8 along its columns: 128 per chunk.
+    "tp": {"w_big": (128, (4096, 8)), "w_small": (64, (1024, 8)), "bias": (128, (8,))},
+    "2d": {"w_big": (256, (4096, 4)), "w_small": (256, (1024, 2)), "bias": (256, (4,))},
 }
 
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+#: Every layout and every mode runs by default; the other three pairs are slow.
+FAST = {("fsdp", "auto"), ("tp", "explicit"), ("2d", "auto")}
+CONFIGS = [
+    pytest.param(
+        lay, mode, id=f"{lay}-{mode}", marks=[] if (lay, mode) in FAST else [pytest.mark.slow]
+    )
+    for lay in LAYOUTS
+    for mode in MODES
+]
 
 
 @functools.cache
-def mesh_for(layout: str, mode: str) -> jax.sharding.Mesh:
-    shape, names, _ = LAYOUTS[layout]
+def mesh_for(name: str, mode: str) -> jax.sharding.Mesh:
+    shape, names, _ = LAYOUTS[name]
     return jax.make_mesh(shape, names, axis_types=(MODES[mode],) * len(names))
 
 
-def shardings(layout: str, mode: str) -> dict:
-    mesh = mesh_for(layout, mode)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), LAYOUTS[layout][2])
+def shardings(name: str, mode: str) -> dict:
+    mesh = mesh_for(name, mode)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), LAYOUTS[name][2])
 
 
-def pipeline(**kw):
-    return optax.chain(
-        nanoadam.magnitude_mask(**kw),
-        optax.scale_by_adam(),
-        nanoadam.masked_apply(**kw),
-        optax.scale_by_learning_rate(LR),
-    )
-
-
-OPTIMIZERS = {
-    # nanoadam's defaults: per-leaf selection, compact state.
-    "compact": lambda: nanoadam.nanoadam(LR, density=DENSITY, mask_interval=INTERVAL),
-    "dense": lambda: nanoadam.nanoadam(
-        LR, density=DENSITY, mask_interval=INTERVAL, state_layout="dense"
-    ),
-    "block": lambda: nanoadam.nanoadam(
-        LR, density=DENSITY, mask_interval=INTERVAL, scope="block", block_size=BLOCK
-    ),
-    # sparse_update around another inner transformation, one threshold over all sparse leaves.
-    "global": lambda: optax.chain(
-        nanoadam.sparse_update(
-            optax.scale_by_lion(),
-            DENSITY,
-            INTERVAL,
-            scope="global",
-            state_layout="dense",
-        ),
-        optax.scale(-LR),
-    ),
-    "pipeline": lambda: pipeline(density=DENSITY, mask_interval=INTERVAL),
-}
+def default_tx(**kw):
+    return nanoadam.nanoadam(LR, density=DENSITY, mask_interval=INTERVAL, **kw)
 
 
 def fake_grads(params: dict, t: jax.Array) -> dict:
@@ -200,20 +155,19 @@ def fake_grads(params: dict, t: jax.Array) -> dict:
     return jax.tree.map(lambda p: jnp.cos(3.0 * p + t.astype(p.dtype)), params)
 
 
-def train(tx, out_shardings=None):
+def train(tx):
     """A jitted step ``(params, state, t) -> (params, state)``."""
 
     def step(params, state, t):
         updates, state = tx.update(fake_grads(params, t), state, params)
         return optax.apply_updates(params, updates), state
 
-    if out_shardings is None:
-        return jax.jit(step)
-    return jax.jit(step, out_shardings=out_shardings)
+    return jax.jit(step)
 
 
 def pin(tree, mesh):
-    """Leaves not yet on ``mesh`` (scalar counters, unsharded buffers) replicated on it."""
+    """Leaves not yet on ``mesh`` (scalar counters made by ``jnp.zeros``) replicated on it,
+    so that a step's inputs and outputs agree and one compiled program runs every step."""
 
     def put(x):
         s = getattr(x, "sharding", None)
@@ -224,59 +178,68 @@ def pin(tree, mesh):
     return jax.tree.map(put, tree)
 
 
-def sharding_tree(tree):
-    return jax.tree.map(lambda x: x.sharding, tree)
-
-
 def run(step, params, state, steps: int = STEPS):
     for t in range(steps):
         params, state = step(params, state, jnp.int32(t))
     return params, state
 
 
-@functools.cache
-def reference_run(name: str):
-    """``(params, state)`` after ``STEPS`` steps on one device (no mesh)."""
-    tx = OPTIMIZERS[name]()
-    params = jax.tree.map(jnp.asarray, make_params())
-    return run(train(tx), params, tx.init(params))
+def device_bytes(tree, device) -> int:
+    """Bytes of ``tree`` held by ``device``."""
+    return sum(
+        s.data.nbytes
+        for x in jax.tree.leaves(tree)
+        for s in x.addressable_shards
+        if s.device == device
+    )
 
 
-def reference(name: str) -> dict:
-    return jax.tree.map(np.asarray, reference_run(name)[0])
+def chunk_of(selected: jax.Array, leaf) -> int:
+    """The chunk length a leaf's state was built with: its size over the state's rows."""
+    return int(np.prod(leaf.shape)) // math.prod(selected.shape[:-1])
 
 
-@functools.cache
-def sharded_run(name: str, layout: str, mode: str):
-    """``(params, state, compiled HLO text, error)`` after ``STEPS`` steps of one configuration.
+class Run:
+    """One configuration set up, compiled and run."""
 
-    Errors are kept (and re-raised by the tests that need the run), so a configuration that
-    fails to trace is attempted once per session.
-    """
-    tx = OPTIMIZERS[name]()
-    mesh = mesh_for(layout, mode)
-    try:
+    def __init__(self, name: str, mode: str, make_tx=default_tx):
+        tx = make_tx()
+        self.mesh = mesh = mesh_for(name, mode)
         with jax.set_mesh(mesh):
-            params = jax.device_put(make_params(), shardings(layout, mode))
-            state = tx.init(params)
-            if mode == "auto":
-                # The state keeps the shardings init gave it: one compilation per configuration.
-                state = pin(state, mesh)
-                step = train(tx, (sharding_tree(params), sharding_tree(state)))
-            else:
-                step = train(tx)  # the types fix the shardings
-            text = step.lower(params, state, jnp.int32(0)).compile().as_text()
-            out, state = run(step, params, state)
-        return out, state, text, None
-    except Exception as e:  # reported by the tests that need this run
-        return None, None, None, e
+            params = jax.device_put(make_params(), shardings(name, mode))
+            state = pin(tx.init(params), mesh)
+            self.init_state = state
+            self.adamw_state = optax.adamw(LR).init(params)
+            compiled = train(tx).lower(params, state, jnp.int32(0)).compile()
+            self.hlo = compiled.as_text()
+            self.in_shardings = compiled.input_shardings[0]
+            self.out_shardings = compiled.output_shardings
+            self.params, self.state = run(compiled, params, state)
 
 
-def get_run(name: str, layout: str, mode: str):
-    out, state, text, err = sharded_run(name, layout, mode)
-    if err is not None:
-        raise err
-    return out, state, text
+@functools.cache
+def sharded_run(name: str, mode: str, tx_name: str = "default") -> Run:
+    return Run(name, mode, OTHER_OPTIMIZERS.get(tx_name, default_tx))
+
+
+@functools.cache
+def reference_run(chunks: tuple[tuple[str, int], ...], tx_name: str = "default"):
+    """``(params, state)`` after STEPS steps on one device, leaf ``name`` with chunk_size
+    ``chunk`` (``optax.partition``: the update is element-wise, so each leaf's run only
+    depends on its own chunk)."""
+    make = OTHER_OPTIMIZERS.get(tx_name, default_tx)
+    sizes = sorted({c for _, c in chunks})
+    labels = {name: f"c{c}" for name, c in chunks}
+    labels["head"] = {"kernel": f"c{sizes[0]}"}
+    tx = optax.partition({f"c{c}": make(chunk_size=c) for c in sizes}, labels)
+    params = jax.tree.map(jnp.asarray, make_params())
+    out, state = run(train(tx), params, tx.init(params))
+    return jax.tree.map(np.asarray, out), state
+
+
+def reference_selected(ref_state, name: str, chunk: int) -> np.ndarray:
+    inner = ref_state.inner_states[f"c{chunk}"].inner_state
+    return np.asarray(inner[0].selected[name])
 
 
 # --------------------------------------------------------------------------------------
@@ -292,25 +255,35 @@ _COLLECTIVES = (
     "collective-broadcast",
     "ragged-all-to-all",
 )
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
-_ARRAY = re.compile(r"\b(?:pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
 
 
-def _elements(shape_text: str) -> list[int]:
-    """Element counts of every array type in an HLO type string (tuples included)."""
-    return [
-        int(np.prod([int(d) for d in dims.split(",") if d])) for dims in _ARRAY.findall(shape_text)
-    ]
+def _bytes(shape_text: str) -> list[int]:
+    """Byte sizes of every array type in an HLO type string (tuples included)."""
+    out = []
+    for dtype, dims in _ARRAY.findall(shape_text):
+        itemsize = _ITEMSIZE.get(dtype) or max(1, int(dtype[1:]) // 8)
+        out.append(itemsize * int(np.prod([int(d) for d in dims.split(",") if d])))
+    return out
 
 
-def collectives(hlo_text: str) -> list[tuple[str, str, int]]:
-    """``(op, result type, largest array in elements)`` of every collective in the module.
+def collectives(hlo_text: str) -> list[tuple[str, str, str, int]]:
+    """``(computation, op, result type, largest array in bytes)`` of every collective in
+    the module: all computations are read, so both branches of a conditional count.
 
     Counts each asynchronous pair once (``*-start``); operands are included in the size, so
     an all-gather is judged by its gathered result and a reduce-scatter by its input.
     """
     out = []
+    computation = ""
     for line in hlo_text.splitlines():
+        c = _COMPUTATION.match(line)
+        if c:
+            computation = c.group(1)
+            continue
         m = _INSTR.match(line)
         if not m:
             continue
@@ -318,126 +291,113 @@ def collectives(hlo_text: str) -> list[tuple[str, str, int]]:
         base = op.removesuffix("-start")
         if base not in _COLLECTIVES or op.endswith("-done"):
             continue
-        sizes = _elements(result) + _elements(rest.split("),")[0])
-        out.append((base, result, max(sizes, default=1)))
+        sizes = _bytes(result) + _bytes(rest.split("),")[0])
+        out.append((computation, base, result, max(sizes, default=1)))
     return out
 
 
-def large_collectives(hlo_text: str) -> list[tuple[str, str, int]]:
-    return [c for c in collectives(hlo_text) if c[2] > SMALL]
+def large_collectives(hlo_text: str) -> list[tuple[str, str, str, int]]:
+    return [c for c in collectives(hlo_text) if c[3] > LIMIT_BYTES]
+
+
+def branch_computations(hlo_text: str) -> set[str]:
+    """Names of the computations that are branches of a ``conditional``."""
+    names = set()
+    for found in re.findall(r"branch_computations=\{([^}]*)\}", hlo_text):
+        names |= {n.strip().lstrip("%") for n in found.split(",")}
+    for found in re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", hlo_text):
+        names.add(found)
+    return names
 
 
 def test_collective_parser_on_a_known_module():
-    """The HLO reader sees a parameter-sized all-gather where one is forced, and none in an
-    element-wise function of sharded inputs."""
+    """The HLO reader sees a parameter-sized all-gather where one is forced (also inside a
+    conditional's branch), and none in an element-wise function of sharded inputs."""
     mesh = mesh_for("fsdp", "auto")
     x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("fsdp", None)))
     gathered = jax.jit(lambda a: a * 2, out_shardings=NamedSharding(mesh, P()))
     text = gathered.lower(x).compile().as_text()
-    assert [(op, size) for op, _, size in collectives(text)] == [("all-gather", 64 * 32)]
+    assert [(op, size) for _, op, _, size in collectives(text)] == [("all-gather", 64 * 32 * 4)]
     local = jax.jit(lambda a: jnp.sin(a) * 2).lower(x).compile().as_text()
     assert collectives(local) == []
     reduced = jax.jit(lambda a: jnp.sum(a > 0)).lower(x).compile().as_text()
-    assert [op for op, _, _ in collectives(reduced)] == ["all-reduce"]
+    assert [op for _, op, _, _ in collectives(reduced)] == ["all-reduce"]
     assert large_collectives(reduced) == []
 
+    def branchy(p, a):
+        flat = lambda a: jnp.cumsum(a.reshape(-1)).reshape(a.shape)  # needs the whole leaf
+        return jax.lax.cond(p, flat, lambda a: a * 2, a)
+
+    text = jax.jit(branchy).lower(True, x).compile().as_text()
+    large = large_collectives(text)
+    assert large and all(c in branch_computations(text) for c, *_ in large), large
+
 
 # --------------------------------------------------------------------------------------
-# Same parameters as on one device.
+# The default configuration: state layout and size.
 # --------------------------------------------------------------------------------------
 
-#: (optimizer, layout, mode, why the update differs, why it communicates large arrays);
-#: None: holds now. Each configuration compiles once for both tests.
-CASES = [
-    ("compact", "fsdp", "auto", None, LEAF_COMPACT),
-    ("compact", "2d", "explicit", None, LEAF_COMPACT),
-    ("dense", "2d", "auto", None, None),
-    ("dense", "fsdp", "explicit", None, None),
-    ("block", "fsdp", "auto", None, None),
-    ("block", "2d_rows", "explicit", None, None),
-    ("global", "2d", "auto", None, None),
-    ("pipeline", "fsdp", "auto", None, None),
-    ("pipeline", "2d", "explicit", None, None),
-]
 
-
-def cases(column: int):
-    return [
-        pytest.param(
-            c[0], c[1], c[2], marks=[xfail(c[column])] if c[column] else [], id="-".join(c[:3])
-        )
-        for c in CASES
-    ]
-
-
-@pytest.mark.parametrize("name,layout,mode", cases(3))
-def test_sharded_update_matches_single_device(name, layout, mode):
-    out, _, _ = get_run(name, layout, mode)
-    ref = reference(name)
-    for path, got in jax.tree_util.tree_leaves_with_path(out):
-        want = functools.reduce(lambda t, k: t[k.key], path, ref)
-        np.testing.assert_allclose(
-            np.asarray(got), want, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path)
-        )
+@pytest.mark.parametrize("name,mode", CONFIGS)
+def test_default_state_is_sharded_like_the_parameter_rows(name, mode):
+    r = sharded_run(name, mode)
+    params = make_params()
+    sh = shardings(name, mode)
+    for state in (r.init_state, r.state):  # after init, and after the jitted steps
+        inner = state[0]
+        for leaf in SPARSE:
+            lay = layout.leaf_layout(
+                params[leaf].shape, max_density=DENSITY, sharding=sh[leaf], path=leaf
+            )
+            assert (lay.chunk, lay.grid) == EXPECTED_CHUNKS[name][leaf]
+            assert lay.spec is not None
+            want = NamedSharding(r.mesh, P(*lay.spec, None))
+            for buf in (
+                inner.selected[leaf],
+                inner.sparse_inner_state.mu[leaf],
+                inner.sparse_inner_state.nu[leaf],
+            ):
+                chex.assert_shape(buf, lay.state_shape)
+                assert buf.sharding.is_equivalent_to(want, buf.ndim), (leaf, buf.sharding)
+                assert not buf.sharding.is_fully_replicated
+            assert inner.selected[leaf].dtype == jnp.uint16
+        # The dense head's moments are laid out like the head.
+        head_mu = inner.dense_inner_state.mu["head"]["kernel"]
+        assert head_mu.sharding.is_equivalent_to(sh["head"]["kernel"], 2)
+    # The compiled step returns the state where it takes it (one program for every step).
+    for got, want in zip(jax.tree.leaves(r.out_shardings[1]), jax.tree.leaves(r.in_shardings[1])):
+        assert got.is_equivalent_to(want, len(got.spec)), (got, want)
     # The parameters stay sharded as they were.
-    for got, sharding in zip(jax.tree.leaves(out), jax.tree.leaves(shardings(layout, mode))):
-        assert got.sharding.is_equivalent_to(sharding, got.ndim)
+    for got, want in zip(jax.tree.leaves(r.params), jax.tree.leaves(sh)):
+        assert got.sharding.is_equivalent_to(want, got.ndim)
+
+
+@pytest.mark.parametrize("name,mode", CONFIGS)
+def test_default_state_per_device_is_a_fraction_of_adamw(name, mode):
+    r = sharded_run(name, mode)
+    device = r.mesh.devices.flat[0]
+    ours = device_bytes(r.state, device)
+    adamw = device_bytes(r.adamw_state, device)
+    # The adamw state itself is sharded: 2 float32 moments of each leaf's shard.
+    shards = [
+        math.prod(s.shard_shape(p.shape))
+        for p, s in zip(jax.tree.leaves(make_params()), jax.tree.leaves(shardings(name, mode)))
+    ]
+    assert adamw == pytest.approx(2 * 4 * sum(shards), rel=1e-3)
+    assert ours <= STATE_RATIO * adamw, (ours, adamw, ours / adamw)
 
 
 # --------------------------------------------------------------------------------------
-# The density is a property of the logical tensor.
+# The default configuration: no communication in an update or a refresh.
 # --------------------------------------------------------------------------------------
 
 
-def test_selection_does_not_depend_on_the_mesh():
-    """The same entries move on every mesh, and exactly k of each whole tensor (not per shard)."""
-    tx = nanoadam.magnitude_mask(DENSITY, INTERVAL)
-    grads = jax.tree.map(np.ones_like, make_params())
-    masks = {}
-    for layout in ("fsdp", "2d"):
-        with jax.set_mesh(mesh_for(layout, "auto")):
-            params = jax.device_put(make_params(), shardings(layout, "auto"))
-            grads_s = jax.device_put(grads, shardings(layout, "auto"))
-            updates, _ = jax.jit(tx.update)(grads_s, tx.init(params), params)
-        masks[layout] = jax.tree.map(lambda u: np.asarray(u) != 0, updates)
-    params = jax.tree.map(jnp.asarray, make_params())
-    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    masks["single"] = jax.tree.map(lambda u: np.asarray(u) != 0, updates)
-    for name in ("w_rows", "w_cols", "bias"):
-        n = make_params()[name].size
-        for layout in ("fsdp", "2d"):
-            np.testing.assert_array_equal(masks[layout][name], masks["single"][name])
-        assert masks["single"][name].sum() == nanoadam.num_selected(n, DENSITY)
-    assert masks["single"]["head"]["kernel"].all()  # the head is dense
-
-
-@pytest.mark.parametrize(
-    "layout,mode",
-    [
-        pytest.param("fsdp", "auto", id="fsdp-auto"),
-        pytest.param("2d_rows", "explicit", id="2d_rows-explicit"),
-    ],
-)
-def test_block_selection_does_not_depend_on_the_mesh(layout, mode):
-    """Blocks are fixed slices of the flattened logical tensor: the compact positions agree."""
-    _, state, _ = get_run("block", layout, mode)
-    _, ref_state = reference_run("block")
-    for got, want in zip(
-        jax.tree.leaves(state[0].selected), jax.tree.leaves(ref_state[0].selected)
-    ):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-# --------------------------------------------------------------------------------------
-# No parameter-sized (or k-sized) communication in the compiled update.
-# --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name,layout,mode", cases(4))
-def test_compiled_update_has_no_large_collectives(name, layout, mode):
-    """Every collective of the step (refresh branch included) moves at most SMALL elements."""
-    _, _, text = get_run(name, layout, mode)
-    assert large_collectives(text) == []
+@pytest.mark.parametrize("name,mode", CONFIGS)
+def test_default_update_has_no_large_collectives(name, mode):
+    """Every collective of the compiled step, refresh branch included, is scalar-sized."""
+    hlo = sharded_run(name, mode).hlo
+    assert "conditional(" in hlo  # the refresh is a real branch of the compiled program
+    assert large_collectives(hlo) == []
 
 
 def test_adamw_reference_has_no_collectives():
@@ -450,130 +410,220 @@ def test_adamw_reference_has_no_collectives():
 
 
 # --------------------------------------------------------------------------------------
-# The optimizer state is sharded like the parameters.
+# The default configuration: the same parameters as on one device with the same chunks.
 # --------------------------------------------------------------------------------------
 
 
-def _param_shaped(state, params):
-    """``(state leaf, parameter)`` for every state leaf shaped like its parameter."""
-    out = []
-    by_shape = {p.shape: p for p in jax.tree.leaves(params)}
-    for leaf in jax.tree.leaves(state):
-        if leaf.ndim and leaf.shape in by_shape:
-            out.append((leaf, by_shape[leaf.shape]))
-    return out
+def chunks_used(state, params) -> tuple[tuple[str, int], ...]:
+    return tuple((leaf, chunk_of(state[0].selected[leaf], params[leaf])) for leaf in SPARSE)
 
 
-@pytest.mark.parametrize("name", ["dense", "pipeline", "global"])
-def test_eager_init_shards_param_shaped_state_like_params(name):
-    tx = OPTIMIZERS[name]()
-    with jax.set_mesh(mesh_for("2d", "auto")):
-        params = jax.device_put(make_params(), shardings("2d", "auto"))
-        state = tx.init(params)
-    pairs = _param_shaped(state, params)
-    assert len(pairs) >= 6
-    for leaf, p in pairs:
-        assert leaf.sharding.is_equivalent_to(p.sharding, p.ndim), (leaf.shape, leaf.sharding)
+@pytest.mark.parametrize("name,mode", CONFIGS)
+def test_default_matches_single_device_with_the_same_chunks(name, mode):
+    r = sharded_run(name, mode)
+    params = make_params()
+    chunks = chunks_used(r.state, params)
+    assert chunks == tuple((leaf, c) for leaf, (c, _) in EXPECTED_CHUNKS[name].items())
+    ref_params, ref_state = reference_run(chunks)
+    for leaf, chunk in chunks:
+        want = reference_selected(ref_state, leaf, chunk)
+        np.testing.assert_array_equal(np.asarray(r.state[0].selected[leaf]), want, err_msg=leaf)
+    got = jax.tree.map(np.asarray, r.params)
+    chex.assert_trees_all_close(got, ref_params, rtol=1e-6, atol=1e-7)
+    # The refresh at step 2 changed the selection: more than k entries moved, but only
+    # entries of the two selections.
+    for leaf in SPARSE:
+        moved = int(np.sum(got[leaf] != params[leaf]))
+        k = math.prod(r.state[0].selected[leaf].shape)
+        assert k < moved <= 2 * k, leaf  # two selections (steps 0-1 and 2-3)
 
 
-def test_compact_block_buffers_are_sharded_along_rows():
-    tx = OPTIMIZERS["block"]()
-    mesh = mesh_for("fsdp", "auto")
+def test_chunk_size_default_is_16384_and_a_single_device_run_reproduces_a_mesh_chunk():
+    """Without a mesh the default chunk is 16384; ``chunk_size`` reproduces the mesh's."""
+    params = make_params()
+    assert layout.chunk_length(params["w_big"].shape) == layout.DEFAULT_CHUNK_SIZE == 16384
+    state = jax.eval_shape(default_tx().init, params)
+    chex.assert_shape(state[0].selected["w_big"], (256, 1638))
+    state = jax.eval_shape(default_tx(chunk_size=128).init, params)
+    chex.assert_shape(state[0].selected["w_big"], (4096, 8, 13))
+
+
+# --------------------------------------------------------------------------------------
+# (d) A sharding that no chunking fits.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_unalignable_sharding_is_an_error_naming_the_leaf(mode):
+    """A leaf split unevenly (a ShapeDtypeStruct may say so; a placed array cannot): no
+    chunk lies on one shard."""
+    mesh = mesh_for("fsdp", mode)
+    odd = NamedSharding(mesh, P(None, "fsdp"))
+    params = {
+        "encoder": {"w": jax.ShapeDtypeStruct((16, 10), jnp.float32, sharding=odd)},
+        "ok": jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, P("fsdp"))),
+    }
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"\['encoder'\]\['w'\].*\(16, 10\)"):
+        default_tx().init(params)
+    with pytest.raises(ValueError, match=r"blk/w.*no chunking"):
+        layout.leaf_layout((16, 10), sharding=odd, path="blk/w")
+    # scope="leaf" never adapts (one chunk per matrix, replicated state): no error.
+    lay = layout.leaf_layout((16, 10), scope="leaf", sharding=odd)
+    assert lay.spec is None and lay.grid == ()
+
+
+# --------------------------------------------------------------------------------------
+# Other configurations on a mesh.
+# --------------------------------------------------------------------------------------
+
+
+def pipeline(**kw):
+    return optax.chain(
+        nanoadam.magnitude_mask(**kw),
+        optax.scale_by_adam(),
+        nanoadam.masked_apply(**kw),
+        optax.scale_by_learning_rate(LR),
+    )
+
+
+OTHER_OPTIMIZERS = {
+    "default": default_tx,
+    # One chunk per layer matrix: its state is replicated on a mesh (documented cost).
+    "leaf": lambda chunk_size=None: default_tx(scope="leaf"),
+    # One threshold over all sparse leaves, full-size state, another inner transformation.
+    "global": lambda chunk_size=None: optax.chain(
+        nanoadam.sparse_update(optax.scale_by_lion(), DENSITY, INTERVAL, scope="global"),
+        optax.scale(-LR),
+    ),
+    "pipeline": lambda **kw: pipeline(density=DENSITY, mask_interval=INTERVAL, **kw),
+}
+
+
+def mask_chunks(state, params):
+    """The chunk per sparse leaf of a ``magnitude_mask`` state (from its ``chunk_grid``)."""
+    grids = state[0].chunk_grid
+    return tuple((leaf, chunk_of(grids[leaf], params[leaf])) for leaf in SPARSE)
+
+
+OTHER_CASES = [
+    pytest.param("leaf", "fsdp", "auto", id="leaf-fsdp-auto", marks=pytest.mark.slow),
+    pytest.param("global", "2d", "auto", id="global-2d-auto"),
+    pytest.param("global", "tp", "explicit", id="global-tp-explicit"),
+    pytest.param("pipeline", "fsdp", "auto", id="pipeline-fsdp-auto", marks=pytest.mark.slow),
+    pytest.param("pipeline", "2d", "auto", id="pipeline-2d-auto"),
+    pytest.param("pipeline", "fsdp", "explicit", id="pipeline-fsdp-explicit"),
+    pytest.param("leaf", "tp", "explicit", id="leaf-tp-explicit", marks=pytest.mark.slow),
+    pytest.param("pipeline", "tp", "explicit", id="pipeline-tp-explicit", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("tx_name,name,mode", OTHER_CASES)
+def test_other_configurations_match_single_device(tx_name, name, mode):
+    r = sharded_run(name, mode, tx_name)
+    params = make_params()
+    if tx_name == "global":
+        chunks = tuple((leaf, 1) for leaf in SPARSE)  # no chunks: any chunk_size
+    elif tx_name == "pipeline":
+        chunks = mask_chunks(r.state, params)
+    else:
+        chunks = chunks_used(r.state, params)
+    if tx_name == "leaf":  # one chunk per matrix, state replicated (documented)
+        assert chunks == tuple((leaf, params[leaf].size) for leaf in SPARSE)
+        assert r.state[0].selected["w_big"].sharding.is_fully_replicated
+    ref_params, _ = reference_run(chunks, tx_name)
+    chex.assert_trees_all_close(
+        jax.tree.map(np.asarray, r.params), ref_params, rtol=1e-6, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("tx_name,name,mode", [c for c in OTHER_CASES if "leaf" not in c.values[0]])
+def test_other_configurations_have_no_large_collectives(tx_name, name, mode):
+    """``"global"`` reduces a few counts per selection pass; the mask pipeline selects per
+    chunk like the default and must not communicate more."""
+    assert large_collectives(sharded_run(name, mode, tx_name).hlo) == []
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset"])
+def test_refresh_policies_under_explicit_sharding(policy):
+    """Both refresh policies build their new inner state sharded like the old one (the
+    refresh is a conditional, whose branches must agree on the shardings in explicit mode)."""
+    mesh = mesh_for("fsdp", "explicit")
+    host = {"w": make_params()["w_small"][:256, :128].copy()}
+    tx = default_tx(refresh_policy=policy)
     with jax.set_mesh(mesh):
-        params = jax.device_put(make_params(), shardings("fsdp", "auto"))
-        state = tx.init(params)
-    sel = state[0].selected
-    mu = state[0].sparse_inner_state.mu
-    for name in ("w_rows", "w_cols", "bias"):
-        rows = params[name].size // BLOCK
-        assert sel[name].shape[0] == rows
-        assert sel[name].sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", None)), 2)
-        assert mu[name].sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp")), 1)
-        assert sel[name].addressable_shards[0].data.shape == (rows // 8, sel[name].shape[1])
+        params = jax.device_put(host, NamedSharding(mesh, P("fsdp", None)))
+        out, state = run(train(tx), params, tx.init(params))
+    chunk = chunk_of(state[0].selected["w"], host["w"])
+    assert chunk == 256 * 128 // 8  # one chunk per shard
+    ref_tx = default_tx(refresh_policy=policy, chunk_size=chunk)
+    params = jax.tree.map(jnp.asarray, host)
+    ref, ref_state = run(train(ref_tx), params, ref_tx.init(params))
+    np.testing.assert_array_equal(np.asarray(state[0].selected["w"]), ref_state[0].selected["w"])
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, out), ref, rtol=1e-6, atol=1e-7)
 
 
-def abstract_params(layout: str, mode: str) -> dict:
+# --------------------------------------------------------------------------------------
+# Abstract init: ShapeDtypeStructs, eval_shape, jit.
+# --------------------------------------------------------------------------------------
+
+
+def abstract_params(name: str, mode: str) -> dict:
     return jax.tree.map(
         lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
         make_params(),
-        shardings(layout, mode),
+        shardings(name, mode),
     )
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-@pytest.mark.parametrize("mode", list(MODES))
-def test_init_traces_on_abstract_sharded_inputs(name, mode):
-    """``jax.eval_shape(tx.init, ShapeDtypeStructs)``: the state's shapes, nothing allocated."""
-    tx = OPTIMIZERS[name]()
-    with jax.set_mesh(mesh_for("fsdp", mode)):
-        abstract = jax.eval_shape(tx.init, abstract_params("fsdp", mode))
-        concrete = tx.init(jax.tree.map(jnp.asarray, make_params()))
-    assert jax.tree.structure(abstract) == jax.tree.structure(concrete)
-    for a, c in zip(jax.tree.leaves(abstract), jax.tree.leaves(concrete)):
-        assert isinstance(a, jax.ShapeDtypeStruct)
-        assert (a.shape, a.dtype) == (c.shape, c.dtype)
+def assert_same_state(got, want):
+    """Same structure, shapes, dtypes and shardings (``got`` may be abstract)."""
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert (g.shape, g.dtype) == (w.shape, w.dtype)
+        if w.ndim:
+            assert g.sharding is not None and g.sharding.is_equivalent_to(w.sharding, w.ndim), (
+                g.shape,
+                g.sharding,
+                w.sharding,
+            )
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param("dense"),
-        pytest.param("pipeline"),
-        pytest.param("block"),
-    ],
-)
-def test_abstract_init_under_explicit_sharding_carries_shardings(name):
-    """Under explicit sharding the abstract state already says where each buffer lives."""
-    tx = OPTIMIZERS[name]()
-    mesh = mesh_for("fsdp", "explicit")
+@pytest.mark.parametrize("how", ["eval_shape", "jit"])
+def test_abstract_init_under_explicit_sharding_matches_the_eager_state(how):
+    """Under explicit sharding the traced parameters carry their sharding, so ``init`` under
+    ``jax.eval_shape`` (a restore target) or ``jax.jit`` builds the eager state's layout."""
+    mesh = mesh_for("tp", "explicit")
+    tx = default_tx()
     with jax.set_mesh(mesh):
-        abstract = jax.eval_shape(tx.init, abstract_params("fsdp", "explicit"))
-    big = [a for a in jax.tree.leaves(abstract) if a.size >= 64]
-    assert big
-    for a in big:
-        assert a.sharding is not None and a.sharding.spec[0] == "fsdp", (a.shape, a.sharding)
+        eager = tx.init(jax.device_put(make_params(), shardings("tp", "explicit")))
+        if how == "eval_shape":
+            got = jax.eval_shape(tx.init, abstract_params("tp", "explicit"))
+        else:
+            got = jax.jit(tx.init)(jax.device_put(make_params(), shardings("tp", "explicit")))
+    assert_same_state(got, eager)
 
 
-def state_shardings(tx, params_sharding_tree, shapes_tree):
-    """The user recipe of docs/sharding.md for automatic sharding: trace ``tx.init`` once on an
-    explicit abstract mesh to learn where each state buffer goes, then use those shardings."""
-    mesh = jax.tree.leaves(params_sharding_tree)[0].mesh
-    explicit = jax.sharding.AbstractMesh(
-        mesh.axis_sizes, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names)
-    )
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=NamedSharding(explicit, s.spec)
-        ),
-        shapes_tree,
-        params_sharding_tree,
-    )
-    with jax.sharding.use_abstract_mesh(explicit):
-        state = jax.eval_shape(tx.init, abstract)
-    return jax.tree.map(
-        lambda a: NamedSharding(mesh, a.sharding.spec if a.sharding is not None else P()), state
-    )
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param("dense"), pytest.param("block")],
-)
-def test_sharded_state_from_abstract_params_under_automatic_sharding(name):
-    """Build the sharded state directly (``jit(init, out_shardings=...)``) and train with it."""
-    tx = OPTIMIZERS[name]()
-    mesh = mesh_for("fsdp", "auto")
-    sh = shardings("fsdp", "auto")
+def test_init_on_sharded_shape_dtype_structs_matches_the_eager_state():
+    """``init`` on ``ShapeDtypeStruct``s with shardings (automatic mode): the same chunking,
+    and the state placed like the eager one (as optax places the dense leaves' moments)."""
+    mesh = mesh_for("tp", "auto")
+    tx = default_tx()
     with jax.set_mesh(mesh):
-        out_sh = state_shardings(tx, sh, make_params())
-        params = jax.device_put(make_params(), sh)
-        state = jax.jit(tx.init, out_shardings=out_sh)(params)
-        for leaf in jax.tree.leaves(state):
-            if leaf.size >= 64:
-                assert not leaf.sharding.is_fully_replicated, leaf.shape
-        out, _ = run(train(tx), params, state)
-    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(reference(name))):
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+        eager = tx.init(jax.device_put(make_params(), shardings("tp", "auto")))
+        got = tx.init(abstract_params("tp", "auto"))
+    for leaf in SPARSE:
+        chex.assert_equal_shape([got[0].selected[leaf], eager[0].selected[leaf]])
+    assert_same_state(got, eager)
+
+
+def test_eval_shape_of_init_without_shardings_is_the_single_device_layout():
+    """Automatic mode hides shardings from traced values: ``eval_shape`` then sees no mesh
+    and gives the default chunking (the same as ``init`` on one device)."""
+    tx = default_tx()
+    with jax.set_mesh(mesh_for("fsdp", "auto")):
+        abstract = jax.eval_shape(tx.init, abstract_params("fsdp", "auto"))
+    concrete = tx.init(jax.tree.map(jnp.asarray, make_params()))
+    chex.assert_trees_all_equal_shapes_and_dtypes(abstract, concrete)
 
 
 # --------------------------------------------------------------------------------------
@@ -592,7 +642,7 @@ class Mlp(nnx.Module):
             32,
             64,
             kernel_init=nnx.with_partitioning(init, (None, "model")),
-            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("model",)),
+            bias_init=nnx.with_partitioning(nnx.initializers.normal(0.1), ("model",)),
             rngs=rngs,
         )
         self.down = nnx.Linear(
@@ -608,10 +658,11 @@ class Mlp(nnx.Module):
         return self.head(h)
 
 
-def _nnx_train(model, tx, mesh=None, steps: int = 2):
+NNX_SPARSE = (("up", "kernel"), ("up", "bias"), ("down", "kernel"), ("down", "bias"))
+
+
+def _nnx_train(model, tx, steps: int = 3):
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    if mesh is not None:  # counters and unsharded buffers onto the mesh: one compilation
-        nnx.update(optimizer, pin(nnx.state(optimizer), mesh))
     x = jax.random.normal(jax.random.PRNGKey(1), (16, 32))
     y = jax.random.normal(jax.random.PRNGKey(2), (16, 4))
 
@@ -626,39 +677,64 @@ def _nnx_train(model, tx, mesh=None, steps: int = 2):
     return optimizer
 
 
+def _nnx_tx(**kw):
+    return nanoadam.nanoadam(1e-2, density=0.25, mask_interval=2, **kw)
+
+
 @functools.cache
-def _nnx_reference(name: str) -> dict:
+def _nnx_reference(chunks: tuple[tuple[tuple[str, str], int], ...]) -> dict:
     with nnx.use_eager_sharding(False):
         model = Mlp(nnx.Rngs(0))
-    _nnx_train(model, OPTIMIZERS[name]())
+    by_path = dict(chunks)
+    sizes = sorted(set(by_path.values()))
+
+    def labels(params):
+        def label(path, _):
+            names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            return f"c{by_path.get(names[:2], sizes[0])}"
+
+        return jax.tree_util.tree_map_with_path(
+            label, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+
+    tx = optax.partition({f"c{c}": _nnx_tx(chunk_size=c) for c in sizes}, labels)
+    _nnx_train(model, tx)
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-@pytest.mark.parametrize(
-    "name,mode",
-    [
-        pytest.param("dense", "auto", id="dense-auto"),
-        pytest.param("dense", "explicit", id="dense-explicit"),
-        pytest.param("compact", "auto", id="compact-auto"),
-    ],
-)
-def test_nnx_optimizer_over_partitioned_model(name, mode):
-    mesh = mesh_for("2d", mode)
+@pytest.mark.parametrize("mode", ["auto", pytest.param("explicit", marks=pytest.mark.slow)])
+def test_nnx_optimizer_over_partitioned_model(mode):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(MODES[mode],) * 2)
     with jax.set_mesh(mesh):
         model = Mlp(nnx.Rngs(0), explicit=mode == "explicit")
         kernel = model.up.kernel[...]
         assert kernel.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
-        optimizer = _nnx_train(model, OPTIMIZERS[name](), mesh if mode == "auto" else None)
+        optimizer = _nnx_train(model, _nnx_tx())
+    selected = optimizer.opt_state[0].selected
+    mu = optimizer.opt_state[0].sparse_inner_state.mu
+    chunks = []
+    for module, name in NNX_SPARSE:
+        var = getattr(getattr(model, module), name)
+        sel = selected[module][name]
+        lay = layout.leaf_layout(
+            var.shape, max_density=0.25, sharding=var[...].sharding, path=f"{module}.{name}"
+        )
+        chex.assert_shape(sel.get_value(), lay.state_shape)
+        # Sharded like the parameter rows (no metadata copied from the kernel onto it).
+        spec = P(*lay.spec, None) if lay.spec is not None else P()
+        for buf in (sel, mu[module][name]):
+            got = buf.get_value().sharding
+            assert got.is_equivalent_to(NamedSharding(mesh, spec), len(lay.state_shape)), (
+                module,
+                name,
+                got,
+            )
+        chunks.append(((module, name), chunk_of(sel.get_value(), var)))
+    # up.kernel (32, 64) split over 4 along its columns: chunks of 16, state (32, 4, 4).
+    assert dict(chunks)[("up", "kernel")] == 16
+    assert selected["up"]["kernel"].shape == (32, 4, 4)
+    assert not selected["up"]["kernel"].get_value().sharding.is_fully_replicated
     got = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(_nnx_reference(name))):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
-    # Parameters keep their sharding; the parameter-shaped state (dense layout) follows it.
+    chex.assert_trees_all_close(got, _nnx_reference(tuple(chunks)), rtol=1e-5, atol=1e-6)
+    # Parameters keep their sharding.
     assert model.up.kernel[...].sharding.is_equivalent_to(kernel.sharding, 2)
-    opt_state = jax.tree.leaves(nnx.to_pure_dict(nnx.state(optimizer.opt_state)))
-    shaped = [s for s in opt_state if getattr(s, "shape", None) == kernel.shape]
-    if name == "dense":
-        assert len(shaped) == 3  # mask, mu, nu of up.kernel
-    else:
-        assert not shaped and any(s.shape == (1, 32 * 64 // 4) for s in opt_state)
-    for s in shaped:
-        assert s.sharding.is_equivalent_to(kernel.sharding, 2), s.sharding
