@@ -54,6 +54,7 @@ if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):  # before jax is importe
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -412,6 +413,12 @@ def state_layout(model: LlamaForCausalLM, optimizer: nnx.Optimizer) -> list[dict
             }
         )
     return rows
+
+
+def chunking_differs(plan_rows: list[dict[str, Any]], layout: list[dict[str, Any]]) -> list[str]:
+    """Leaves whose chunk length in the plan differs from the optimizer state's."""
+    planned = {".".join(re.findall(r"\['([^']*)'\]", r["leaf"])): r["chunk"] for r in plan_rows}
+    return [r["leaf"] for r in layout if planned.get(r["leaf"]) not in (None, r["chunk"])]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -847,6 +854,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "leaf": leaf.path,
                 "label": leaf.label,
                 "layer_axes": list(leaf.layer_axes),
+                "chunk": leaf.chunk,
                 "trained": leaf.trained,
                 "state_bytes": leaf.state_bytes,
             }
@@ -870,6 +878,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"  {r['leaf']:<32} {'x'.join(map(str, r['shape'])):>12} "
                         f"{r['param_spec']:<24} -> {'x'.join(map(str, r['positions_shape'])):>10} "
                         f"{r['positions_spec']:<24} chunk {r['chunk']}, k {r['k_per_chunk']}"
+                    )
+                differ = chunking_differs(plan_rows, layout)
+                if differ:
+                    print(
+                        f"  note: the plan printed above chunks {len(differ)} leaves differently "
+                        "(it did not see the parameters' sharding); the layout here is the "
+                        "optimizer's state."
                     )
             run["optimizer"] = desc
             run["moved_per_layer"] = moved_per_layer(before, model)
@@ -897,6 +912,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": model_info,
         "plan": {**plan_summary(full_plan), "leaves": plan_rows},
         "state_layout": layout,
+        "plan_chunking_differs": None if layout is None else chunking_differs(plan_rows, layout),
         "pretrain": pretrain,
         "optimizers": runs,
         "environment": environment(),
