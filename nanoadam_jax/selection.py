@@ -42,6 +42,8 @@ __all__ = [
     "CRITERIA",
     "METHODS",
     "bottom_k_mask",
+    "chunk_mask",
+    "chunk_positions",
     "kth_smallest_key",
     "num_selected",
     "select_global_masks",
@@ -339,10 +341,7 @@ def layout_mask(
     if x.size == 0:
         return jnp.zeros(x.shape, bool)
     keys = selection_keys(lay.view(x), criterion, key)
-    k = num_selected(lay.chunk, density)
-    rows = keys.reshape(-1, lay.chunk)
-    mask = bottom_k_mask(rows, jnp.broadcast_to(k, (rows.shape[0],)))
-    return lay.unview(mask.reshape(keys.shape))
+    return lay.unview(chunk_mask(keys, num_selected(lay.chunk, density)), x)
 
 
 def select_mask(
@@ -501,6 +500,52 @@ def _row_cumsum(mask: jax.Array) -> jax.Array:
     return (inner + offset[..., None]).reshape(mask.shape)
 
 
+def chunk_mask(keys: jax.Array, k: jax.typing.ArrayLike) -> jax.Array:
+    """Mask of the ``k`` smallest keys in every row (chunk), ties by position.
+
+    A 32-pass bisection on the key bits finds each row's ``k``-th smallest key (exact);
+    surplus ties at it are ranked by position with a running count (only when some row
+    has them). Every operation is element-wise or along the last axis, so leading axes
+    sharded over devices need no communication.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> keys = jnp.array([[3, 1, 1, 1, 0]], jnp.uint32)
+      >>> nanoadam.selection.chunk_mask(keys, 3).astype(int).tolist()
+      [[0, 1, 1, 0, 1]]
+
+    Args:
+      keys: ``uint32`` keys, shape ``(*grid, C)``.
+      k: entries to select per row (int, may be traced).
+
+    Returns:
+      A bool array shaped like ``keys``.
+    """
+    k = jnp.asarray(k, jnp.int32)
+    # Built from slices of ``keys`` so that, under explicit sharding, they are sharded
+    # like its rows.
+    lo = jnp.zeros_like(keys[..., 0])
+    hi = jnp.full_like(keys[..., 0], _MAX_KEY)
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(keys <= mid[..., None], axis=-1, dtype=jnp.int32) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    t, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    t = t[..., None]
+    at_most = keys <= t
+    surplus = jnp.any(jnp.sum(at_most, axis=-1, dtype=jnp.int32) > k)
+
+    def cut_ties(_):
+        equal = keys == t
+        need = k - jnp.sum(keys < t, axis=-1, dtype=jnp.int32, keepdims=True)
+        return (keys < t) | (equal & (_row_cumsum(equal) <= need))
+
+    return jax.lax.cond(surplus, cut_ties, lambda _: at_most, None)
+
+
 def chunk_positions(keys: jax.Array, k: jax.typing.ArrayLike, capacity: int) -> jax.Array:
     """Sorted positions of the ``k`` smallest keys in every row (chunk), ties by position.
 
@@ -533,31 +578,9 @@ def chunk_positions(keys: jax.Array, k: jax.typing.ArrayLike, capacity: int) -> 
     """
     c = keys.shape[-1]
     lead = keys.shape[:-1]
-    k = jnp.asarray(k, jnp.int32)
     if capacity == 0:
         return jnp.zeros((*lead, 0), jnp.int32)
-    # Built from slices of ``keys`` so that, under explicit sharding, they are sharded
-    # like its rows.
-    lo = jnp.zeros_like(keys[..., 0])
-    hi = jnp.full_like(keys[..., 0], _MAX_KEY)
-
-    def body(_, carry):
-        lo, hi = carry
-        mid = lo + (hi - lo) // 2
-        enough = jnp.sum(keys <= mid[..., None], axis=-1, dtype=jnp.int32) >= k
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    t, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    t = t[..., None]
-    at_most = keys <= t
-    surplus = jnp.any(jnp.sum(at_most, axis=-1, dtype=jnp.int32) > k)
-
-    def cut_ties(_):
-        equal = keys == t
-        need = k - jnp.sum(keys < t, axis=-1, dtype=jnp.int32, keepdims=True)
-        return (keys < t) | (equal & (_row_cumsum(equal) <= need))
-
-    take = jax.lax.cond(surplus, cut_ties, lambda _: at_most, None)
+    take = chunk_mask(keys, k)
     slots = jnp.where(take, _row_cumsum(take) - 1, capacity)
     cols = jax.lax.broadcasted_iota(
         jnp.int32, keys.shape, keys.ndim - 1, out_sharding=_out_sharding(keys)

@@ -386,11 +386,9 @@ def _state_array(lay: LeafLayout, fill: int, dtype: Any, like: Any) -> jax.Array
     ps = _leaf_sharding(like)
     if lay.spec is not None and ps is not None:
         sharding = jax.sharding.NamedSharding(ps.mesh, jax.sharding.PartitionSpec(*lay.spec, None))
-    if isinstance(like, jax.ShapeDtypeStruct) or isinstance(like, jax.core.Tracer):
-        arr = jnp.full(lay.state_shape, fill, dtype)
-        if sharding is not None and isinstance(like, jax.core.Tracer):
-            arr = jax.lax.with_sharding_constraint(arr, sharding)
-        return arr
+    if isinstance(like, jax.core.Tracer):
+        # Under jit/eval_shape the sharding is known only in explicit mode (then set it).
+        return jnp.full(lay.state_shape, fill, dtype, out_sharding=sharding)
     return jnp.full(lay.state_shape, fill, dtype, device=sharding)
 
 
@@ -940,7 +938,9 @@ class _SparseUpdate:
         # Pass 1: the per-leaf arrays of the inner state and of a fresh one, in the
         # same (deterministic) traversal order.
         seen = _param_arrays(self.inner, inner_state, index_tree)
-        fresh = [v for v, _ in _param_arrays(self.inner, self._fresh(t, inner_state), index_tree)]
+        fresh = [
+            v for v, _ in _param_arrays(self.inner, self._fresh(t, old, inner_state), index_tree)
+        ]
         if self.compact:
             moved = self._carry_compact(t, old, new, groups, seen, fresh)
         else:
@@ -986,13 +986,16 @@ class _SparseUpdate:
                 moved[(occ, g, m)] = out[m]
         return [moved[key] for key in order]
 
-    def _fresh(self, t: _Leaves, inner_state: Any) -> Any:
-        """``refresh_policy="reset"``: a new inner state (in the stored dtypes)."""
-        shapes = [
-            (i, jnp.zeros(t.lays[i].state_shape if self.compact else t.leaves[i].shape))
-            for i in t.sparse
+    def _fresh(self, t: _Leaves, old: list, inner_state: Any) -> Any:
+        """A new inner state (in the stored dtypes), laid out like the stored one.
+
+        Built from ``zeros_like`` of the current selection (compact) or of the leaves
+        (global), so that under explicit sharding it is sharded like the state.
+        """
+        zeros = [
+            (i, jnp.zeros_like(o if self.compact else t.leaves[i], dtype=t.leaves[i].dtype))
+            for i, o in zip(t.sparse, old)
         ]
-        zeros = [(i, z.astype(t.leaves[i].dtype)) for i, z in shapes]
         fresh = self.moments.store(self.inner.init(t.state_tree(zeros)))
         return jax.tree.map(lambda f, o: f.astype(o.dtype), fresh, inner_state)
 
@@ -1003,7 +1006,7 @@ class _SparseUpdate:
         new = self._select(t, xs, groups, density, self.config.key(step, seed))
         new_selected = t.state_tree(list(zip(t.sparse, new)))
         if self.policy == "reset":
-            return new_selected, self._fresh(t, inner_state)
+            return new_selected, self._fresh(t, old, inner_state)
         return new_selected, self._carry(t, old, new, groups, inner_state)
 
     # -- update -----------------------------------------------------------------------
