@@ -188,6 +188,12 @@ def plan(
         dimension_numbers, layer_axis_names,
     )  # fmt: skip
     layer_axes = config.batch_axes(params, boxes, at_init=True)
+    if compact:
+        # eval_shape traces the parameters, which hides their sharding in automatic
+        # mode: the layouts (chunking adapted to the shards) come from the leaves as given.
+        sparse = [i for i, lab in enumerate(flat_labels) if lab == labels_lib.SPARSE]
+        for i, lay in transform._init_layouts(config, params, sparse).items():
+            selected[i] = jax.ShapeDtypeStruct(lay.state_shape, lay.index_dtype)
     rows = []
     for i, ((path, leaf), label) in enumerate(zip(leaves_with_path, flat_labels)):
         shape = tuple(leaf.shape)
@@ -233,10 +239,20 @@ def plan(
             "has a head (e.g. a Linen `Dense_3`, or an embedding tied to the output), label "
             "it 'dense' with `labels=` (see nanoadam_jax.labels)."
         )
-    result = Plan(rows, _nbytes(full_state), _nbytes(adamw), notes)
+    # Total: the step counters etc. from the real state, the leaves from the rows.
+    overhead = _nbytes(full_state) - _nbytes(state.selected) - _nbytes(state.sparse_inner_state)
+    overhead -= _nbytes(state.dense_inner_state)
+    total = overhead + sum(row.state_bytes for row in rows) + _scalar_bytes(state)
+    result = Plan(rows, total, _nbytes(adamw), notes)
     if show:
         print(result)
     return result
+
+
+def _scalar_bytes(state: Any) -> int:
+    """Bytes of the scalar (count) arrays inside the inner states."""
+    inner = (state.sparse_inner_state, state.dense_inner_state)
+    return sum(_nbytes([x]) for x in jax.tree.leaves(inner) if not x.shape)
 
 
 def _k_now(config: Any, chunk: int, capacity: int) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nanoadam_jax.layout import scatter_add_rows, take_rows
+from nanoadam_jax.layout import take_rows
 
 __all__ = ["REFRESH_POLICIES", "carry_plan", "carry_positions", "cond", "refresh_due"]
 
@@ -113,26 +113,35 @@ def cond(
 def carry_plan(old: jax.Array, new: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
     """Where each new selected entry sat in the old selection: ``(slot, found)``.
 
-    Rows are chunks; positions in each row are sorted, padding slots hold ``chunk``. The
-    old slots are written into a chunk-sized scratch row and read back at the new
-    positions (one scatter and one gather per row: local to each row, so a sharded grid
-    stays sharded, and no per-entry search).
+    Rows are chunks; positions in each row are sorted, padding slots hold ``chunk``. A
+    binary search of every new position among the row's old ones (a loop of
+    ``log2(capacity)`` row-wise gathers): local to each row, so a sharded grid stays
+    sharded, and no chunk-sized scratch memory.
 
     Example:
       >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
       >>> old, new = jnp.array([[0, 2, 5]]), jnp.array([[2, 3, 5]])
       >>> slot, found = nanoadam.refresh.carry_plan(old, new, 8)
       >>> slot.tolist(), found.tolist()
-      ([[1, 0, 2]], [[True, False, True]])
+      ([[1, 2, 2]], [[True, False, True]])
     """
     k = new.shape[-1]
     if k == 0:
         return jnp.zeros(new.shape, jnp.int32), jnp.zeros(new.shape, bool)
-    slots = jax.lax.broadcasted_iota(jnp.int32, old.shape, old.ndim - 1) + 1
-    scratch = jnp.broadcast_to(jnp.zeros_like(old[..., :1], jnp.int32), (*old.shape[:-1], chunk))
-    scratch = scatter_add_rows(scratch, old, slots)
-    hit = take_rows(scratch, new, padded=True)
-    return jnp.maximum(hit - 1, 0), hit > 0
+    old, new = old.astype(jnp.int32), new.astype(jnp.int32)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        below = take_rows(old, jnp.minimum(mid, k - 1), padded=False) < new
+        return jnp.where(below, mid + 1, lo), jnp.where(below, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(
+        0, max(1, k.bit_length()), body, (jnp.zeros_like(new), jnp.full_like(new, k))
+    )
+    slot = jnp.minimum(lo, k - 1)
+    found = (take_rows(old, slot, padded=False) == new) & (new < chunk)
+    return slot, found
 
 
 def carry_positions(

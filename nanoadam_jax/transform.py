@@ -900,17 +900,23 @@ class _SparseUpdate:
                 xs, density, criterion=self.config.criterion, key=key
             )
         out: list[Any] = [None] * len(xs)
+        previous = None
         for members in groups:
             lay = t.lays[t.sparse[members[0]]]
+            group = [xs[j] for j in members]
+            if previous is not None:
+                # One group after the other: the refresh's scratch memory is that of one
+                # group, not of all of them at once.
+                group, _ = jax.lax.optimization_barrier((group, previous))
 
             def positions(x, ordinal, lay=lay):
                 leaf_key = None if key is None else jax.random.fold_in(key, ordinal)
                 return self.config.positions(lay, x, density, leaf_key)
 
             if len(members) == 1:
-                out[members[0]] = positions(xs[members[0]], members[0])
+                previous = out[members[0]] = positions(group[0], members[0])
                 continue
-            stacked = jnp.stack([xs[j] for j in members])
+            stacked = jnp.stack(group)
             ordinals = jnp.asarray(members, jnp.int32)
 
             def body(m, acc, stacked=stacked, ordinals=ordinals, positions=positions):
@@ -920,7 +926,7 @@ class _SparseUpdate:
                 jnp.zeros_like(stacked[..., :1], dtype=lay.index_dtype),
                 (*stacked.shape[:-1], lay.capacity),
             )
-            acc = jax.lax.fori_loop(0, len(members), body, acc)
+            previous = acc = jax.lax.fori_loop(0, len(members), body, acc)
             for m, j in enumerate(members):
                 out[j] = acc[m]
         return out
