@@ -99,7 +99,7 @@ def nanoadam(
     moment_dtype: Any | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    """NanoAdam: Adam on the smallest-magnitude weights of each tensor only.
+    """NanoAdam: Adam on the smallest-magnitude weights of each weight matrix only.
 
     The same updates as ``optax.chain(sparse_update(optax.scale_by_adam(b1, b2, eps),
     ...), optax.scale_by_learning_rate(learning_rate))``, with the learning rate applied
@@ -107,15 +107,18 @@ def nanoadam(
     scatter, so that XLA can apply the update in place; the state is a one-element
     chain whose ``state[0]`` is the :class:`~nanoadam_jax.SparseUpdateState`, and a
     learning-rate schedule follows its never-reset ``sparse_step``): at step 0, every
-    ``mask_interval`` steps and whenever the density changes, each sparse leaf's
-    ``k = round(density * n)`` smallest-``|w|`` entries are selected (exactly ``k``,
-    ties by index); Adam runs on those entries only, with moments stored only for
-    them; every other entry of a sparse leaf gets an update of exactly ``0.0``.
-    The output head and normalisation layers are updated densely (see
-    :func:`~nanoadam_jax.default_labels`). With ``density=1.0`` it is ``optax.adam``.
+    ``mask_interval`` steps and whenever the density changes, the
+    ``k = round(density * C)`` smallest-``|w|`` entries of every chunk of ``C`` entries of
+    each sparse leaf (per layer of a stacked leaf) are selected (exactly ``k``, ties by
+    position); Adam runs on those entries only, with moments stored only for them;
+    every other entry of a sparse leaf gets an update of exactly ``0.0``. The output head
+    and normalisation layers are updated densely (see
+    :func:`~nanoadam_jax.default_labels`). With ``density=1.0`` it is ``optax.adam``,
+    step for step.
 
-    See :func:`~nanoadam_jax.sparse_update` for the selection, refresh-policy and
-    state-layout arguments.
+    See :func:`~nanoadam_jax.sparse_update` for the chunking, refresh-policy, stacked-layer
+    and state-sizing arguments, and :func:`~nanoadam_jax.plan` for the table of what it
+    will train.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, nanoadam_jax as nanoadam
@@ -134,9 +137,10 @@ def nanoadam(
       mask_interval: refresh the selection every this many steps.
       b1, b2, eps: Adam's hyperparameters.
       bias_correction: Adam's ``1 / (1 - b**t)`` correction of the moments (default,
-        as in ``optax.adam``). With ``refresh_policy="reset"`` the count restarts at
-        every refresh, so each newly selected entry's first step is ``lr * sign(g)``;
-        ``False`` makes it ``(1 - b1) / sqrt(1 - b2) = 3.16`` times larger.
+        as in ``optax.adam``), with the running count: an entry that enters the
+        selection late takes a first step of up to ``(1 - b1) / sqrt(1 - b2) = 3.16``
+        times ``lr`` (``refresh_policy="reset"`` restarts the count at every refresh, so
+        every first step is ``lr * sign(g)``). ``False`` drops the correction.
       mu_dtype: dtype of the first moment (as in ``optax.adam``).
       scope, chunk_size, criterion, labels, dimension_numbers, layer_axis_names,
       refresh_policy, max_density, moment_dtype, seed: see
@@ -187,7 +191,7 @@ def nanoadamw(
     moment_dtype: Any | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    """NanoAdam with decoupled weight decay (like ``optax.adamw``), on selected entries only.
+    """NanoAdam with decoupled weight decay (like ``optax.adamw``), on updated entries only.
 
     The decay ``weight_decay * w`` is added inside the sparse update, so it applies
     to the selected entries of sparse leaves and to dense leaves, and never to
