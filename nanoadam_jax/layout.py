@@ -229,59 +229,81 @@ def scatter_add_rows(base: jax.Array, pos: jax.Array, values: jax.Array) -> jax.
     )
 
 
-def leaf_coords(lay: LeafLayout, pos: jax.Array, padded: bool) -> tuple[jax.Array, ...]:
-    """The leaf coordinates (one index array per axis) of the chunk positions ``pos``.
+def leaf_coords(lay: LeafLayout, pos: jax.Array, padded: bool) -> jax.Array:
+    """Leaf coordinates of the chunk positions ``pos``: int32 ``(*grid, capacity, ndim)``.
 
-    Padding positions (``== chunk``) get an out-of-range first coordinate.
+    Computed with divisions by the static axis lengths (no index normalisation), so the
+    gather and the scatter that use them compile to small kernels. Padding positions
+    (``== chunk``) get an out-of-range first coordinate.
     """
     row = jnp.arange(math.prod(lay.grid), dtype=jnp.int32).reshape((*lay.grid, 1))
     p32 = pos.astype(jnp.int32)
     flat = row * jnp.int32(lay.chunk) + p32
     perm = lay.permutation
-    shape = lay.shape if perm is None else tuple(lay.shape[a] for a in perm)
-    coords = tuple(jnp.unravel_index(flat, shape)) if len(shape) > 1 else (flat,)
-    if perm is not None:
-        coords = tuple(coords[list(perm).index(a)] for a in range(len(shape)))
+    order = tuple(range(len(lay.shape))) if perm is None else perm
+    coords: list[Any] = [None] * len(lay.shape)
+    rest = flat
+    for axis in reversed(order[1:]):
+        size = jnp.int32(lay.shape[axis])
+        coords[axis] = rest % size
+        rest = rest // size
+    coords[order[0]] = rest
     if padded:
-        # jnp.unravel_index clips: push padding out of range on the first axis instead.
-        first = jnp.where(p32 < lay.chunk, coords[0], jnp.int32(lay.shape[0]))
-        coords = (first, *coords[1:])
-    return coords
+        coords[0] = jnp.where(p32 < lay.chunk, coords[0], jnp.int32(lay.shape[0]))
+    return jnp.stack(coords, axis=-1)
 
 
-def take_coords(
-    lay: LeafLayout, x: jax.Array, coords: tuple[jax.Array, ...], padded: bool
-) -> jax.Array:
+def _point_dnums(ndim: int) -> tuple[Any, Any]:
+    axes = tuple(range(ndim))
+    gather = jax.lax.GatherDimensionNumbers(
+        offset_dims=(), collapsed_slice_dims=axes, start_index_map=axes
+    )
+    scatter = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(), inserted_window_dims=axes, scatter_dims_to_operand_dims=axes
+    )
+    return gather, scatter
+
+
+def take_coords(lay: LeafLayout, x: jax.Array, coords: jax.Array, padded: bool) -> jax.Array:
     """``x`` at ``coords`` (see :func:`leaf_coords`); padding reads zero."""
-    return x.at[coords].get(
-        mode="fill" if padded else "promise_in_bounds",
-        fill_value=0,
+    dnums, _ = _point_dnums(x.ndim)
+    return jax.lax.gather(
+        x,
+        coords,
+        dnums,
+        slice_sizes=(1,) * x.ndim,
         indices_are_sorted=lay.permutation is None,
         unique_indices=not padded,
+        mode=(
+            jax.lax.GatherScatterMode.FILL_OR_DROP
+            if padded
+            else jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+        ),
+        fill_value=0,
     )
 
 
 def scatter_into_zeros(
-    lay: LeafLayout,
-    like: jax.Array,
-    coords: tuple[jax.Array, ...],
-    values: jax.Array,
-    padded: bool,
+    lay: LeafLayout, like: jax.Array, coords: jax.Array, values: jax.Array, padded: bool
 ) -> jax.Array:
     """Zeros shaped like ``like`` with ``values`` added at ``coords``.
 
     Indexes the leaf's own axes, so that XLA fuses ``params + result`` into an in-place
     scatter-add into the parameters. Padding positions are dropped.
     """
-    return (
-        jnp.zeros_like(like)
-        .at[coords]
-        .add(
-            values.astype(like.dtype),
-            indices_are_sorted=lay.permutation is None,
-            unique_indices=not padded,
-            mode="drop" if padded else "promise_in_bounds",
-        )
+    _, dnums = _point_dnums(like.ndim)
+    return jax.lax.scatter_add(
+        jnp.zeros_like(like),
+        coords,
+        values.astype(like.dtype),
+        dnums,
+        indices_are_sorted=lay.permutation is None,
+        unique_indices=not padded,
+        mode=(
+            jax.lax.GatherScatterMode.FILL_OR_DROP
+            if padded
+            else jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+        ),
     )
 
 
