@@ -2,8 +2,9 @@
 
 Every transformation is jitted once per configuration (XLA CPU compiles dominate the run
 time); selections are checked against a small numpy reference written from the documented
-rule: the ``k = clip(round_half_up(d * n), 1, n)`` entries with the smallest float32 ``|w|``,
-NaN after everything else, ties broken by flat index.
+rule (reference_selection.py): per chunk of ``C`` entries (or per layer matrix, or over all
+sparse leaves) the ``k = clip(round_half_up(d * C), 1, C)`` entries with the smallest float32
+``|w|``, NaN after everything else, ties broken by position.
 """
 
 from __future__ import annotations
@@ -91,15 +92,18 @@ BAD_COMMON = [
     ("mask_interval", 2.5, r"`mask_interval` must be a positive integer"),
     ("mask_interval", True, r"`mask_interval` must be a positive integer"),
     ("mask_interval", None, r"`mask_interval` must be a positive integer"),
-    ("block_size", 0, r"`block_size` must be a positive integer"),
-    ("block_size", -1, r"`block_size` must be a positive integer"),
-    ("block_size", 64.0, r"`block_size` must be a positive integer"),
-    ("scope", "layer", r"`scope` must be one of \('leaf', 'block', 'global'\)"),
+    ("chunk_size", 0, r"`chunk_size` must be a positive integer"),
+    ("chunk_size", -1, r"`chunk_size` must be a positive integer"),
+    ("chunk_size", 64.0, r"`chunk_size` must be a positive integer"),
+    ("chunk_size", True, r"`chunk_size` must be a positive integer"),
+    ("scope", "layer", r"`scope` must be one of \('chunk', 'leaf', 'global'\)"),
     ("scope", None, r"`scope` must be one of"),
+    ("scope", "block", r"scope='chunk'.*pass chunk_size="),  # the removed scope says where to go
     ("criterion", "magnitude", r"`criterion` must be one of \('smallest', 'largest', 'random'\)"),
-    ("selection_method", "heap", r"`selection_method` must be one of \('bisection', 'sort'"),
     ("seed", 1.5, r"`seed` must be an integer"),
     ("seed", True, r"`seed` must be an integer"),
+    ("layer_axis_names", "layers", r"`layer_axis_names` must be a sequence of axis names"),
+    ("layer_axis_names", ("layers", 0), r"`layer_axis_names` must be a sequence of axis names"),
 ]
 
 
@@ -111,12 +115,10 @@ def test_bad_selection_arguments_fail_at_construction(factory, name, value, matc
 
 
 BAD_SPARSE = [
-    ("refresh_policy", "zero", r"`refresh_policy` must be one of \('reset', 'keep'\)"),
-    ("state_layout", "sparse", r"`state_layout` must be one of \('compact', 'dense'\)"),
+    ("refresh_policy", "zero", r"`refresh_policy` must be one of \('keep', 'reset'\)"),
     ("max_density", 0.0, r"`max_density` must be in \(0, 1\]"),
     ("max_density", 1.5, r"`max_density` must be in \(0, 1\]"),
-    ("max_density", 0.05, r"`max_density`=0.05 is below the density's largest value 0.1"),
-    ("scope", "global", r"scope='global' needs state_layout='dense'"),
+    ("moment_dtype", jnp.int32, r"`moment_dtype` must be a floating dtype"),
 ]
 
 
@@ -132,8 +134,53 @@ def test_other_bad_arguments():
         na.nanoadamw(1e-3, weight_decay=-0.1)
     with pytest.raises(ValueError, match=r"`inner` must be an optax.GradientTransformation"):
         na.sparse_update(lambda g: g)
-    # A dense-compatible scope works with the dense layout.
-    na.sparse_update(optax.scale_by_adam(), scope="global", state_layout="dense")
+    for scope in ("leaf", "global"):
+        with pytest.raises(ValueError, match=r"`chunk_size` applies to scope='chunk' only"):
+            na.nanoadam(1e-3, scope=scope, chunk_size=64)
+    na.sparse_update(optax.scale_by_adam(), scope="global")  # no layout argument needed
+
+
+@pytest.mark.parametrize("factory", sorted(FACTORIES))
+@pytest.mark.parametrize(
+    "name", ["block_size", "state_layout", "narrow_indices", "selection_method", "inplace_apply"]
+)
+def test_removed_arguments_are_refused(factory, name):
+    # Removed in the chunked rewrite: never silently accepted (and ignored).
+    with pytest.raises(TypeError, match=name):
+        FACTORIES[factory](**{name: None})
+
+
+def test_layer_axis_names_none_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"`layer_axis_names` must be a sequence of axis names"):
+        na.nanoadam(1e-3, layer_axis_names=None)
+
+
+@pytest.mark.parametrize("factory", sorted(SPARSE_FACTORIES))
+def test_max_density_below_the_density_is_refused_at_init(factory):
+    tx = SPARSE_FACTORIES[factory](density=0.1, max_density=0.05)
+    with pytest.raises(ValueError, match=r"`max_density`=0.05 is below the density's largest"):
+        tx.init({"w": jnp.ones(40)})
+    sched = na.linear_density_decay(0.05, 0.2, decay_steps=10)
+    with pytest.raises(ValueError, match=r"below the density's largest value 0.2"):
+        SPARSE_FACTORIES[factory](density=sched, max_density=0.1).init({"w": jnp.ones(40)})
+
+
+@pytest.mark.parametrize(
+    ("dims", "match"),
+    [
+        (na.SelectionDimensionNumbers(axes=(5,)), r"for \['w'\] \(shape \(3, 4\)\) must name"),
+        (na.SelectionDimensionNumbers(axes=()), r"must name at least one valid axis"),
+        ((1, 2), r"must be a SelectionDimensionNumbers, a tree of them"),
+        ({"v": None}, r"structure of the parameters"),
+        (lambda path, leaf: (0, 1), r"for \['w'\] must be a SelectionDimensionNumbers or None"),
+    ],
+    ids=["axis-out-of-range", "no-axis", "tuple", "wrong-tree", "callable-bad-value"],
+)
+@pytest.mark.parametrize("factory", ["nanoadam", "magnitude_mask"])
+def test_bad_dimension_numbers_are_refused_at_init(factory, dims, match):
+    tx = FACTORIES[factory](dimension_numbers=dims)
+    with pytest.raises(ValueError, match=match):
+        tx.init({"w": jnp.ones((3, 4))})
 
 
 @pytest.mark.parametrize(
@@ -176,33 +223,55 @@ def test_bad_constant_density():
     ],
     ids=["above-1", "zero", "nan", "vector", "negative-from-100", "linear-below-0"],
 )
-def test_schedule_out_of_range_is_refused_at_construction(schedule):
-    for factory in FACTORIES.values():
-        with pytest.raises(ValueError, match=r"the `density` schedule must return a scalar in"):
-            factory(density=schedule)
+def test_schedule_out_of_range_is_refused_before_the_first_update(schedule):
+    # The schedule is probed (schedules.schedule_max) when the state is created.
+    for name, factory in FACTORIES.items():
+        with pytest.raises(ValueError, match=r"the `density` schedule must return a scalar"):
+            factory(density=schedule).init({"w": jnp.ones(8)})
+            pytest.fail(f"{name}: init accepted the schedule")
+
+
+def test_schedule_out_of_range_is_refused_with_the_global_scope_too():
+    accepted = []
+    for name, factory in FACTORIES.items():
+        try:
+            factory(density=lambda t: 1.5, scope="global").init({"w": jnp.ones(8)})
+        except ValueError as e:
+            assert "the `density` schedule must return a scalar in" in str(e), (name, e)
+        else:
+            accepted.append(name)
+    assert not accepted, f"init with scope='global' accepted a schedule returning 1.5: {accepted}"
 
 
 def test_schedule_checked_only_at_probe_steps():
-    # The schedule is probed at steps 0, 1, 10, 100, ... 1e6: a value out of range strictly
-    # between two probes is not seen at construction. At run time it is clipped by the
-    # rounding rule like any traced density (here 0.0 -> one entry per leaf).
-    sched = lambda t: jnp.where((t > 20) & (t < 30), 0.0, 0.1)
-    tx = na.magnitude_mask(sched, mask_interval=1000)
+    # The schedule is probed at every step up to 1000, then every 100th: a value out of
+    # range strictly between two probes is not seen at init. At run time it is clipped by
+    # the rounding rule like any traced density (here 0.0 -> one entry per leaf).
+    sched = lambda t: jnp.where((t > 1000) & (t < 1100), 0.0, 0.1)
     params = {"w": jnp.linspace(-1.0, 1.0, 40)}
-    update = jax.jit(tx.update)
-    state = tx.init(params)
-    for step in range(22):
-        u, state = update(params, state, params)
-        assert nonzero(u["w"]).sum() == (1 if step == 21 else 4), step
+    for tx in (na.magnitude_mask(sched, mask_interval=5000), na.nanoadam(1.0, sched, 5000)):
+        update = jax.jit(tx.update)
+        state = tx.init(params)
+        counter = "mask_step" if isinstance(state, na.MagnitudeMaskState) else "sparse_step"
+        start = {counter: jnp.asarray(999, jnp.int32)}
+        state = state._replace(**start) if counter == "mask_step" else (state[0]._replace(**start),)
+        for step in (999, 1000, 1001, 1002):
+            u, state = update(params, state, params)
+            assert nonzero(u["w"]).sum() == (1 if step > 1000 else 4), step
 
 
-def test_schedule_above_its_max_density_attribute_is_refused():
+def test_schedule_above_its_max_density_attribute_is_capped_at_the_capacity():
     def sched(step):
         return jnp.asarray(0.5, jnp.float32)
 
-    sched.max_density = 0.1  # wrong: compact buffers would hold 10% of each leaf
-    with pytest.raises(ValueError, match="max_density"):
-        na.nanoadam(1e-3, density=sched)
+    sched.max_density = 0.1  # wrong: the state is sized for 10% of each chunk
+    params = {"w": jnp.asarray(np.random.default_rng(0).permutation(np.linspace(-1, 1, 40)))}
+    tx = na.nanoadam(1.0, density=sched)
+    state = tx.init(params)
+    assert state[0].selected["w"].shape == (4,)
+    u, _ = jax.jit(tx.update)({"w": jnp.ones(40)}, state, params)
+    # Never a silently larger state: the 4 smallest entries, not 20.
+    np.testing.assert_array_equal(nonzero(u["w"]), ref_mask(params["w"], 0.1))
 
 
 # -- labels: checked at init (they need the parameters) ------------------------------------------
@@ -266,53 +335,75 @@ def test_update_without_params_is_refused(factory):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["compact", "dense"])
-def test_injected_density_out_of_range_is_clipped(layout):
-    """A traced density is clipped by the rounding rule: ``d <= 0`` trains one entry per leaf,
-    ``d >= 1`` trains every entry, and NaN trains none (the sparse leaves get zero updates;
-    dense leaves are still updated). Compact buffers are sized for density 1.0 here (no
-    ``max_density``), so both layouts agree."""
+@pytest.mark.parametrize(
+    ("scope", "max_density"), [("chunk", 1.0), ("global", None), ("chunk", None)]
+)
+def test_injected_density_out_of_range_is_clipped(scope, max_density):
+    """A traced density is clipped by the rounding rule: ``d <= 0`` trains one entry per chunk,
+    ``d >= 1`` trains every entry the state can hold, and NaN trains none (the sparse leaves
+    get zero updates; dense leaves are still updated). The compact state holds ``k`` of
+    ``max_density`` (here 1.0: every entry), else of the density at init (0.1); the global
+    scope's state is full-size."""
     params = random_params()
     grads = jax.tree.map(jnp.ones_like, params)
-    tx = optax.inject_hyperparams(na.nanoadam, static_args=("block_size",))(
-        learning_rate=1.0, density=0.1, mask_interval=1, state_layout=layout
+    tx = optax.inject_hyperparams(na.nanoadam, static_args=("max_density", "scope"))(
+        learning_rate=1.0, density=0.1, mask_interval=1, scope=scope, max_density=max_density
     )
     state = tx.init(params)
     update = jax.jit(tx.update)
     sizes = {"kernel": 120, "bias": 10}
+    capacity = {name: (n if max_density else ref_k(n, 0.1)) for name, n in sizes.items()}
     for d, expect in [(-0.5, 1), (0.0, 1), (1.0, None), (2.0, None), (np.inf, None), (np.nan, 0)]:
         state.hyperparams["density"] = jnp.asarray(d, jnp.float32)
         u, _ = update(grads, state, params)
-        for name, n in sizes.items():
-            want = n if expect is None else expect
-            assert nonzero(u["dense_0"][name]).sum() == want, (d, name)
+        if scope == "global":  # one selection over the 130 sparse entries
+            got = sum(nonzero(u["dense_0"][name]).sum() for name in sizes)
+            assert got == {1: 1, None: 130, 0: 0}[expect], d
+        else:
+            for name in sizes:
+                want = capacity[name] if expect is None else expect
+                assert nonzero(u["dense_0"][name]).sum() == want, (d, name)
         assert nonzero(u["head"]["kernel"]).all()
 
 
 def test_injected_density_above_max_density_keeps_the_smallest():
     params = {"w": jnp.linspace(-1.0, 1.0, 21)}
     grads = {"w": jnp.ones(21)}
-    updates = {}
-    for layout in ("compact", "dense"):
-        tx = optax.inject_hyperparams(
-            na.nanoadam, static_args=("block_size", "max_density", "mask_interval")
-        )(learning_rate=1.0, density=0.1, max_density=0.2, state_layout=layout)
-        state = tx.init(params)
-        state.hyperparams["density"] = jnp.asarray(0.5, jnp.float32)
-        updates[layout], _ = jax.jit(tx.update)(grads, state, params)
-    sel = nonzero(updates["compact"]["w"])
-    # Whatever the count, the updated entries are the smallest |w| ...
-    np.testing.assert_array_equal(sel, ref_mask(params["w"], sel.sum() / 21))
-    # ... and both layouts agree.
-    chex.assert_trees_all_equal(updates["compact"], updates["dense"])
-
-
-def test_traced_static_arguments_give_a_clear_error():
-    params = {"w": jnp.linspace(-1.0, 1.0, 11)}
-    tx = optax.inject_hyperparams(na.nanoadam)(learning_rate=0.1, block_size=4, scope="block")
+    tx = optax.inject_hyperparams(na.nanoadam, static_args=("max_density", "mask_interval"))(
+        learning_rate=1.0, density=0.1, max_density=0.2
+    )
     state = tx.init(params)
-    with pytest.raises(ValueError, match=r"`block_size` must be a static Python int.*static_args"):
-        jax.jit(tx.update)(params, state, params)
+    assert state.inner_state[0].selected["w"].shape == (ref_k(21, 0.2),)
+    state.hyperparams["density"] = jnp.asarray(0.5, jnp.float32)
+    u, _ = jax.jit(tx.update)(grads, state, params)
+    # Capped at the capacity (k of max_density), and the updated entries are the smallest.
+    np.testing.assert_array_equal(nonzero(u["w"]), ref_mask(params["w"], 0.2))
+
+
+def test_traced_chunk_size_at_init_gives_a_clear_error():
+    # chunk_size shapes the state: traced when the state is created (init under jit with
+    # inject_hyperparams), it must be refused by name, pointing at static_args.
+    params = {"w": jnp.linspace(-1.0, 1.0, 40)}
+    tx = optax.inject_hyperparams(na.nanoadam, static_args=("density",))(
+        learning_rate=0.1, density=0.1, chunk_size=8
+    )
+    with pytest.raises(ValueError, match=r"`chunk_size` must be a static Python int"):
+        jax.jit(tx.init)(params)
+
+
+def test_traced_max_density_at_init_and_injected_chunk_size_after_init():
+    params = {"w": jnp.linspace(-1.0, 1.0, 40)}
+    tx = optax.inject_hyperparams(na.nanoadam, static_args=("density",))(
+        learning_rate=0.1, density=0.1, max_density=0.5
+    )
+    with pytest.raises(ValueError, match=r"`max_density` is traced at init"):
+        jax.jit(tx.init)(params)
+    # Once the state exists, an injected chunk_size is harmless: the chunking is read
+    # back from the state.
+    tx = optax.inject_hyperparams(na.nanoadam)(learning_rate=0.1, density=0.1, chunk_size=8)
+    state = tx.init(params)
+    u, _ = jax.jit(tx.update)(params, state, params)
+    np.testing.assert_array_equal(nonzero(u["w"]), ref_mask(params["w"], 0.1, "chunk", 8))
 
 
 def test_traced_mask_interval_zero_still_selects_exactly_k():
@@ -320,9 +411,7 @@ def test_traced_mask_interval_zero_still_selects_exactly_k():
     # break the exact-k invariant (XLA defines ``x % 0`` as implementation-specific, so
     # only the invariant is tested, not the refresh steps).
     params = {"w": jnp.linspace(-1.0, 1.0, 11)}
-    tx = optax.inject_hyperparams(na.nanoadam, static_args=("block_size",))(
-        learning_rate=0.1, density=0.2, mask_interval=3
-    )
+    tx = optax.inject_hyperparams(na.nanoadam)(learning_rate=0.1, density=0.2, mask_interval=3)
     state = tx.init(params)
     state.hyperparams["mask_interval"] = jnp.asarray(0)
     update = jax.jit(tx.update)
@@ -349,25 +438,15 @@ SPARSE_NAMES = ("empty", "empty_2d", "scalar", "tiny")
 
 
 @pytest.mark.parametrize(
-    ("scope", "layout", "policy"),
-    [
-        ("leaf", "compact", "reset"),
-        ("block", "compact", "keep"),
-        ("leaf", "dense", "keep"),
-        ("global", "dense", "reset"),
-    ],
+    ("scope", "policy"),
+    [("leaf", "reset"), ("chunk", "keep"), ("leaf", "keep"), ("global", "reset")],
 )
-def test_degenerate_leaves(scope, layout, policy):
+def test_degenerate_leaves(scope, policy):
     params = DEGENERATE
     density = 0.1
+    chunks = {"chunk_size": 2} if scope == "chunk" else {}
     tx = na.nanoadam(
-        1.0,
-        density=density,
-        mask_interval=1,
-        scope=scope,
-        block_size=2,
-        state_layout=layout,
-        refresh_policy=policy,
+        1.0, density=density, mask_interval=1, scope=scope, refresh_policy=policy, **chunks
     )
     grads = jax.tree.map(
         lambda x: jnp.ones_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros_like(x),
@@ -380,6 +459,8 @@ def test_degenerate_leaves(scope, layout, policy):
         want = dict(zip(SPARSE_NAMES, ref_global_masks(sparse, density)))
     else:
         want = {k: ref_mask(params[k], density, scope, 2) for k in SPARSE_NAMES}
+    if scope == "chunk":  # "tiny" (3 entries, prime) is cut into chunks of 1: all selected
+        assert want["tiny"].all()
     for _ in range(3):  # refresh at every step (exercises carry-over of empty buffers)
         u, state = update(grads, state, params)
         chex.assert_trees_all_equal_structs(u, params)
@@ -403,6 +484,18 @@ def test_degenerate_leaves(scope, layout, policy):
     )
 
 
+@pytest.mark.parametrize("factory", ["nanoadam", "magnitude_mask"])
+def test_layer_axis_of_length_zero(factory):
+    # A stack of zero layers: init accepts it; update has nothing to select in it.
+    params = {"w": jnp.zeros((0, 3)), "v": jnp.asarray([0.1, -2.0, 0.3, 4.0])}
+    dims = {"w": na.SelectionDimensionNumbers(axes=(1,)), "v": None}
+    tx = FACTORIES[factory](density=0.5, dimension_numbers=dims)
+    state = tx.init(params)
+    u, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert u["w"].shape == (0, 3)
+    np.testing.assert_array_equal(nonzero(u["v"]), [True, False, True, False])
+
+
 def test_float0_gradients_of_integer_leaves_pass_through_sparse_update():
     params = {"w": jnp.asarray([0.1, 2.0, -0.3]), "step": jnp.asarray(3, jnp.int32)}
     grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(params)
@@ -417,36 +510,40 @@ SPECIAL = np.array([0.5, np.nan, -0.1, np.inf, 0.2, -np.nan, 0.0, -np.inf, -0.0,
 
 
 @pytest.mark.parametrize("criterion", ["smallest", "largest", "random"])
-@pytest.mark.parametrize("method", ["bisection", "sort"])
-def test_nan_weights_are_never_selected_while_others_remain(criterion, method):
+def test_nan_weights_are_never_selected_while_others_remain(criterion):
     x = jnp.asarray(SPECIAL)
     n, n_nan = x.size, int(np.isnan(SPECIAL).sum())
+    densities = (0.1, 0.3, 0.8, 0.9, 1.0)
 
     @jax.jit
     def masks(x):
         key = jax.random.PRNGKey(3)
-        return [
-            na.select_mask(x, d, criterion=criterion, key=key, method=method)
-            for d in (0.1, 0.3, 0.8, 0.9, 1.0)
-        ]
+        return [na.select_mask(x, d, criterion=criterion, key=key) for d in densities]
 
-    for d, m in zip((0.1, 0.3, 0.8, 0.9, 1.0), masks(x)):
-        m = np.asarray(m)
-        k = ref_k(n, d)
-        assert m.sum() == k
-        if k <= n - n_nan:
-            assert not m[np.isnan(SPECIAL)].any()
-        else:
-            assert m[~np.isnan(SPECIAL)].all()
-        if criterion != "random":
-            np.testing.assert_array_equal(m, ref_mask(SPECIAL, d, criterion=criterion))
+    # The optimizer's own path (positions per chunk): one compile, the density injected.
+    tx = optax.inject_hyperparams(na.sparse_update, static_args=("criterion", "max_density"))(
+        optax.sgd(1.0), density=0.1, criterion=criterion, max_density=1.0
+    )
+    state, update = tx.init({"w": x}), jax.jit(tx.update)
+    for d, mask in zip(densities, masks(x)):
+        state.hyperparams["density"] = jnp.asarray(d, jnp.float32)
+        u, state = update({"w": jnp.ones(n)}, state, {"w": x})
+        for m in (np.asarray(mask), nonzero(u["w"])):
+            k = ref_k(n, d)
+            assert m.sum() == k
+            if k <= n - n_nan:
+                assert not m[np.isnan(SPECIAL)].any()
+            else:
+                assert m[~np.isnan(SPECIAL)].all()
+            if criterion != "random":
+                np.testing.assert_array_equal(m, ref_mask(SPECIAL, d, criterion=criterion))
 
 
-@pytest.mark.parametrize("scope", ["leaf", "block", "global"])
+@pytest.mark.parametrize("scope", ["leaf", "chunk", "global"])
 def test_all_nan_leaf_selects_exactly_k_in_index_order_and_terminates(scope):
     params = {"a": jnp.full((7, 3), jnp.nan), "b": jnp.asarray([np.nan, 1.0, np.inf, np.nan])}
-    layout = "dense" if scope == "global" else "compact"
-    tx = na.nanoadam(1.0, density=0.3, scope=scope, block_size=5, state_layout=layout)
+    chunks = {"chunk_size": 5} if scope == "chunk" else {}
+    tx = na.nanoadam(1.0, density=0.3, scope=scope, **chunks)
     u, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     if scope == "global":
         want = dict(zip("ab", ref_global_masks([params["a"], params["b"]], 0.3)))
@@ -459,11 +556,11 @@ def test_all_nan_leaf_selects_exactly_k_in_index_order_and_terminates(scope):
         assert want["a"].reshape(-1)[: ref_k(21, 0.3)].all()  # the first k, by index
 
 
-@pytest.mark.parametrize("layout", ["compact", "dense"])
-def test_non_finite_gradient_outside_the_mask_does_not_leak(layout):
+@pytest.mark.parametrize("scope", ["chunk", "global"])
+def test_non_finite_gradient_outside_the_mask_does_not_leak(scope):
     params = {"w": jnp.asarray([0.5, 3.0, -0.1, 4.0, 0.2, -5.0])}
     grads = {"w": jnp.asarray([1.0, np.nan, 1.0, np.inf, 1.0, -np.inf])}
-    tx = na.nanoadam(1.0, density=0.5, state_layout=layout)
+    tx = na.nanoadam(1.0, density=0.5, scope=scope)
     u, state = jax.jit(tx.update)(grads, tx.init(params), params)
     np.testing.assert_array_equal(nonzero(u["w"]), [True, False, True, False, True, False])
     assert np.isfinite(np.asarray(u["w"])).all()
@@ -471,15 +568,15 @@ def test_non_finite_gradient_outside_the_mask_does_not_leak(layout):
         assert np.isfinite(np.asarray(moment)).all()
 
 
-@pytest.mark.parametrize("layout", ["compact", "dense"])
-def test_apply_if_finite_skipped_step_leaves_mask_counters_and_moments(layout):
+@pytest.mark.parametrize("scope", ["chunk", "global"])
+def test_apply_if_finite_skipped_step_leaves_mask_counters_and_moments(scope):
     rng = np.random.default_rng(0)
     params = {
         "w": jnp.asarray(rng.permutation(np.linspace(-1.0, 1.0, 16)), jnp.float32),
         "head": {"kernel": jnp.ones(3)},
     }
     tx = optax.apply_if_finite(
-        na.nanoadam(0.1, density=0.25, mask_interval=2, state_layout=layout),
+        na.nanoadam(0.1, density=0.25, mask_interval=2, scope=scope),
         max_consecutive_errors=3,
     )
     update = jax.jit(tx.update)
@@ -513,9 +610,9 @@ def _tied_values(dtype, n, seed):
     return jnp.asarray(rng.choice(pool, size=n, p=[0.15, 0.15] + [0.09] * 7 + [0.07]), dtype)
 
 
-@pytest.mark.parametrize(("dtype", "layout"), [(jnp.bfloat16, "compact"), (jnp.float16, "dense")])
-def test_half_precision_heavy_ties(dtype, layout):
-    x = _tied_values(dtype, 97, seed=1)
+@pytest.mark.parametrize(("dtype", "scope"), [(jnp.bfloat16, "chunk"), (jnp.float16, "global")])
+def test_half_precision_heavy_ties(dtype, scope):
+    x = _tied_values(dtype, 100, seed=1)
     densities = (0.01, 0.37, 0.93)
 
     @jax.jit
@@ -523,26 +620,26 @@ def test_half_precision_heavy_ties(dtype, layout):
         out = []
         for d in densities:
             out.append(na.select_mask(x, d))
-            out.append(na.select_mask(x, d, scope="block", block_size=10))
+            out.append(na.select_mask(x, d, chunk_size=10))
         return out
 
     got = masks(x)
     for i, d in enumerate(densities):
         np.testing.assert_array_equal(got[2 * i], ref_mask(x, d), err_msg=f"leaf {d}")
-        np.testing.assert_array_equal(got[2 * i + 1], ref_mask(x, d, "block", 10))
+        np.testing.assert_array_equal(got[2 * i + 1], ref_mask(x, d, "chunk", 10))
     # Through the optimizer: updates keep the half dtype and hit exactly the reference set.
-    params = {"w": x.reshape(97, 1), "ln": {"scale": jnp.ones(4, dtype)}}
-    tx = na.nanoadam(1.0, density=0.37, state_layout=layout)
+    params = {"w": x.reshape(100, 1), "ln": {"scale": jnp.ones(4, dtype)}}
+    tx = na.nanoadam(1.0, density=0.37, scope=scope)
     u, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     chex.assert_trees_all_equal_dtypes(u, params)
     np.testing.assert_array_equal(nonzero(u["w"]), ref_mask(params["w"], 0.37))
 
 
-@pytest.mark.parametrize("layout", ["compact", "dense"])
-def test_bf16_params_with_f32_gradients(layout):
+@pytest.mark.parametrize("scope", ["chunk", "global"])
+def test_bf16_params_with_f32_gradients(scope):
     params = {"w": jnp.linspace(-1.0, 1.0, 10).astype(jnp.bfloat16)}
     grads = {"w": jnp.ones(10, jnp.float32)}
-    tx = na.nanoadam(0.1, density=0.3, mask_interval=2, state_layout=layout)
+    tx = na.nanoadam(0.1, density=0.3, mask_interval=2, scope=scope)
     update = jax.jit(tx.update)
     state = tx.init(params)
     for _ in range(3):
@@ -559,27 +656,32 @@ X64_SCRIPT = textwrap.dedent(
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(6, 7))
-    params = {"w": jnp.asarray(w), "b": jnp.asarray(w[0], jnp.float32),
+    # "ln" is a norm (dense by default): "w" is the only sparse leaf, and it is one chunk,
+    # so the compact state ("chunk") and one selection over all sparse leaves ("global",
+    # full-size state) must agree.
+    params = {"w": jnp.asarray(w), "ln": jnp.asarray(w[0], jnp.float32),
               "head": {"kernel": jnp.asarray(w[:2])}}
     assert params["w"].dtype == jnp.float64
     sched = na.linear_density_decay(0.5, 0.2, decay_steps=4, density_interval=2)
     finals = {}
-    for layout in ("compact", "dense"):
-        tx = na.nanoadam(0.1, density=sched, mask_interval=3, state_layout=layout)
+    for scope in ("chunk", "global"):
+        tx = na.nanoadam(0.1, density=sched, mask_interval=3, scope=scope)
         state, p = tx.init(params), params
         update = jax.jit(tx.update)
         for t in range(5):
             u, state = update(jax.tree.map(lambda x: x - 1.0, p), state, p)
             assert u["w"].dtype == jnp.float64 and u["head"]["kernel"].dtype == jnp.float64
-            assert u["b"].dtype == jnp.float32
+            assert u["ln"].dtype == jnp.float32
             assert int(jnp.sum(u["w"] != 0)) == int(na.num_selected(42, sched(t))), t
             p = optax.apply_updates(p, u)
         s = state[0]
         assert s.sparse_step.dtype == jnp.int32 and s.sparse_density.dtype == jnp.float32
         assert s.sparse_inner_state.mu["w"].dtype == jnp.float64
-        assert s.sparse_inner_state.nu["b"].dtype == jnp.float32
-        finals[layout] = p
-    np.testing.assert_array_equal(finals["compact"]["w"], finals["dense"]["w"])
+        assert s.dense_inner_state.nu["ln"].dtype == jnp.float32
+        if scope != "global":
+            assert s.selected["w"].dtype == jnp.uint16 and s.selected["w"].shape == (21,)
+        finals[scope] = p
+    np.testing.assert_allclose(finals["chunk"]["w"], finals["global"]["w"], rtol=1e-14)
     # Keys come from float32 (documented): closer than float32 resolution ties, by index.
     assert na.select_mask(jnp.asarray([1.0 + 1e-12, 1.0]), 0.5).tolist() == [True, False]
     assert na.select_mask(jnp.asarray([3e-50, -1e-60, 0.0]), 0.34).tolist() == [True, False, False]
@@ -603,36 +705,13 @@ def test_float64_under_x64_in_a_subprocess():
     assert proc.returncode == 0 and "X64-OK" in proc.stdout, proc.stderr[-3000:]
 
 
-# -- top_k selection method --------------------------------------------------------------------
-
-
-def test_top_k_matches_the_rule_with_a_short_last_block():
-    x = jnp.arange(10.0)
-    got = na.select_mask(x, 0.5, scope="block", block_size=4, method="top_k")  # eager: concrete k
-    np.testing.assert_array_equal(got, ref_mask(x, 0.5, "block", 4))  # [2, 2, 1] per block
-
-
-@pytest.mark.parametrize("factory", ["nanoadam", "magnitude_mask"])
-def test_top_k_method_works_in_the_transformations(factory):
-    params = {"w": jnp.linspace(-1.0, 1.0, 10)}
-    grads = {"w": jnp.ones(10)}
-    out = {}
-    for method in ("bisection", "top_k"):
-        tx = FACTORIES[factory](density=0.2, selection_method=method)
-        out[method], _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    chex.assert_trees_all_equal(out["top_k"], out["bisection"])
-
-
 # ------------------------------------------------------------------------------------------------
 # Buffer donation
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("layout", "policy", "scope"),
-    [("compact", "reset", "leaf"), ("dense", "keep", "block")],
-)
-def test_donating_params_and_state_is_safe(layout, policy, scope):
+@pytest.mark.parametrize(("scope", "policy"), [("chunk", "reset"), ("global", "keep")])
+def test_donating_params_and_state_is_safe(scope, policy):
     params = random_params(1)
     target = jax.tree.map(lambda x: x * 0.0 + 0.3, params)
     tx = na.nanoadamw(
@@ -640,9 +719,8 @@ def test_donating_params_and_state_is_safe(layout, policy, scope):
         density=na.linear_density_decay(0.4, 0.1, decay_steps=4, density_interval=2),
         mask_interval=3,
         scope=scope,
-        block_size=32,
-        state_layout=layout,
         refresh_policy=policy,
+        **({"chunk_size": 32} if scope == "chunk" else {}),
     )
     want = train(tx, params, target, steps=7)
 
@@ -683,8 +761,7 @@ def test_repeated_runs_with_the_random_criterion_are_bit_identical():
             mask_interval=2,
             criterion="random",
             seed=11,
-            scope="block",
-            block_size=16,
+            chunk_size=16,
         )
         return train(tx, params, target, steps=7)  # a fresh optimizer and a fresh compile
 
