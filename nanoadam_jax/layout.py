@@ -56,6 +56,7 @@ LAYER_AXIS_NAMES = ("layers",)
 #: the whole axis (and the axes after it) becomes the chunk instead.
 _MIN_FRACTION = 16
 _UINT16_MAX = 0xFFFF
+_INT32_MAX = 2**31 - 1
 
 
 class SelectionDimensionNumbers(NamedTuple):
@@ -463,6 +464,12 @@ def leaf_layout(
     j, c = _split_point(matrix, target)
     grid = (*batch, *_grid(matrix, j, c))
     capacity = selection.num_selected_static(c, max_density) if math.prod(shape) else 0
+    if c > _INT32_MAX:
+        raise ValueError(
+            f"leaf {path or '<root>'} of shape {shape}: a chunk of {c} entries is above the "
+            f"int32 range of positions; use scope='chunk' with a chunk_size that divides its "
+            "trailing axes, or declare its layer axes (SelectionDimensionNumbers)"
+        )
     index_dtype = jnp.uint16 if c <= _UINT16_MAX else jnp.int32
     return LeafLayout(
         shape=shape,
@@ -487,7 +494,17 @@ def layout_from_state(
     grid = tuple(int(s) for s in state_shape[:-1])
     n = math.prod(shape)
     rows = math.prod(grid)
-    if rows == 0 or n % rows:
+    if n == 0 or rows == 0:
+        # An empty leaf (or an empty layer axis): nothing is ever selected.
+        return LeafLayout(
+            shape=shape,
+            batch_axes=tuple(sorted(a % len(shape) for a in batch_axes)) if shape else (),
+            chunk=n // rows if rows else 0,
+            grid=grid,
+            capacity=int(state_shape[-1]),
+            index_dtype=jnp.dtype(dtype),
+        )
+    if n % rows:
         raise ValueError(
             f"the optimizer state (positions of shape {tuple(state_shape)}) does not fit a "
             f"parameter of shape {shape}: was the state made by `init` for these parameters?"

@@ -209,6 +209,8 @@ class _Config:
         _checks.check_choice("criterion", criterion, selection.CRITERIA)
         if chunk_size is not None and _checks.is_concrete(chunk_size):
             chunk_size = _checks.check_static_positive_int("chunk_size", chunk_size)
+        # (A traced chunk_size is refused at init, where it would size the state; update
+        # reads the chunking from the state.)
         if max_density is not None and _checks.is_concrete(max_density):
             _checks.check_density("max_density", max_density)
             max_density = float(np.asarray(max_density))
@@ -216,9 +218,11 @@ class _Config:
             _checks.is_concrete(seed) and not np.issubdtype(np.asarray(seed).dtype, np.integer)
         ):
             raise ValueError(f"`seed` must be an integer, got {seed!r}")
-        if isinstance(layer_axis_names, str) or not all(
-            isinstance(n, str) for n in layer_axis_names
-        ):
+        if (
+            layer_axis_names is None
+            or isinstance(layer_axis_names, str)
+            or not hasattr(layer_axis_names, "__iter__")
+        ) or not all(isinstance(n, str) for n in layer_axis_names):
             raise ValueError(
                 f"`layer_axis_names` must be a sequence of axis names, got {layer_axis_names!r}"
             )
@@ -242,6 +246,11 @@ class _Config:
 
     def init_max_density(self) -> float:
         """The largest density the state must hold, decided at ``init``."""
+        if self.chunk_size is not None and not _checks.is_concrete(self.chunk_size):
+            raise ValueError(
+                "`chunk_size` is traced when the state is created (it sizes the state): "
+                "with optax.inject_hyperparams pass static_args=('chunk_size',)"
+            )
         given = self.max_density
         if given is not None and not _checks.is_concrete(given):
             raise ValueError(
@@ -403,6 +412,7 @@ def _mask_init(config: _Config, params: Any) -> tuple[Any, ...]:
     sparse = _positions(labels, SPARSE)
     masks = [(i, jnp.zeros_like(leaves[i], dtype=bool)) for i in sparse]
     grids = []
+    config.init_max_density()  # validates the density (a schedule's range) for every scope
     if config.scope != "global":
         lays = _init_layouts(config, params, sparse)
         grids = [(i, jnp.zeros((*lays[i].grid, 0), jnp.int32)) for i in sparse]
