@@ -5,7 +5,9 @@ commit it was made with (``environment.git`` in the examples' JSON, ``machine.gi
 benchmarks' and the evidence's, a ``commit <hash>`` / ``git <hash>`` line in a markdown
 summary). A file is **stale** when
 
-* ``git log <commit>..HEAD -- nanoadam_jax/`` is not empty: the library changed after the run;
+* the library's code changed after the run: ``git log <commit>..HEAD -- nanoadam_jax/`` is not
+  empty and some module differs from HEAD beyond its docstrings and comments (compared as
+  ASTs), so a documentation-only commit does not make every result stale;
 * it recorded ``library_dirty: true`` (or the markdown's "library modified" / "uncommitted
   changes"): the run used a library that no commit holds;
 * the recorded commit is not in the repository; or
@@ -36,6 +38,7 @@ Fast and jax-free: one ``git ls-files``, one ``git cat-file --batch`` for the co
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -205,6 +208,38 @@ def _library_changes(commit: str) -> list[str]:
     return out.decode().splitlines()
 
 
+def _code(source: bytes) -> str:
+    """A module's code without its docstrings and comments (its AST, dumped)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def _code_changed(commit: str) -> bool:
+    """Whether the library's code (not only docstrings or comments) differs from HEAD."""
+    names = _git("diff", "--name-only", commit, "HEAD", "--", LIBRARY).decode().split()
+    for name in names:
+        if not name.endswith(".py"):
+            return True
+        try:
+            old = _git("show", f"{commit}:{name}")
+            new = _git("show", f"HEAD:{name}")
+        except subprocess.CalledProcessError:
+            return True  # added or removed module
+        if _code(old) != _code(new):
+            return True
+    return False
+
+
 def _headline(subject: str, width: int = 60) -> str:
     """A commit subject's first clause, at most ``width`` characters."""
     head = re.split(r"; | \(", subject, maxsplit=1)[0].strip()
@@ -226,6 +261,8 @@ def _stale_now() -> dict[str, str]:
     if shallow and missing:
         pytest.skip(f"shallow clone without the recorded commit(s) {', '.join(missing)}")
     changes = {full: _library_changes(full) for full in set(resolved.values()) if full}
+    # Commits that only touched docstrings or comments do not change any number.
+    changes = {full: ch if ch and _code_changed(full) else [] for full, ch in changes.items()}
 
     stale: dict[str, str] = {}
     for p, r in records.items():
