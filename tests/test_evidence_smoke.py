@@ -152,6 +152,7 @@ def text_run(tmp_path_factory):
     return _smoke(tmp_path_factory, TEXT_ASSETS, "evidence-text", "--task", "text")
 
 
+@pytest.mark.slow  # the vision smoke covers evidence.py in the default suite (about 30 s saved)
 def test_text_files_and_json(text_run):
     evidence, out, returned = text_run
     s = evidence.TEXT_SMOKE
