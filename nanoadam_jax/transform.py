@@ -21,6 +21,7 @@ This module wires them into optax transformations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -338,9 +339,27 @@ class _Config:
     def positions(
         self, lay: LeafLayout, view: jax.Array, density: jax.Array, key: jax.Array | None
     ) -> jax.Array:
-        """Selected positions of one leaf (given as ``lay.view(x)``), ``(*grid, capacity)``."""
-        keys = selection.selection_keys(view, self.criterion, key)
+        """Selected positions of one leaf (given as ``lay.view(x)``), ``(*grid, capacity)``.
+
+        On one device a large leaf is selected a block of chunks at a time
+        (``jax.lax.map``), so the refresh's scratch memory is that of one block, not a
+        few times the leaf (its keys, masks and running counts). On a mesh the whole
+        chunk grid is processed at once, each device on its own chunks. The random
+        criterion draws its keys for the whole leaf.
+        """
         k = self.chunk_k(lay, density)
+        rows = math.prod(lay.grid)
+        block = max(1, _SELECTION_BLOCK_ENTRIES // max(1, lay.chunk))
+        if jax.device_count() == 1 and key is None and rows > block and lay.capacity:
+
+            def select_rows(r):
+                keys = selection.selection_keys(r, self.criterion, None)
+                return selection.chunk_positions(keys, k, lay.capacity)
+
+            flat = view.reshape(rows, lay.chunk)
+            out = jax.lax.map(select_rows, flat, batch_size=block)
+            return out.reshape(lay.state_shape).astype(lay.index_dtype)
+        keys = selection.selection_keys(view, self.criterion, key)
         return selection.chunk_positions(keys, k, lay.capacity).astype(lay.index_dtype)
 
     def chunk_k(self, lay: LeafLayout, density: jax.Array) -> Any:
@@ -803,7 +822,11 @@ def sparse_update(
 
 #: Largest number of parameter entries stacked into one refresh group (the stack is a
 #: temporary copy, made only at a refresh).
-_GROUP_ENTRIES = 1 << 24
+_GROUP_ENTRIES = 1 << 22
+#: Leaves above this many entries are never stacked (their refresh runs on the leaf).
+_STACKED_LEAF_ENTRIES = 1 << 20
+#: Entries selected at once on one device (a block of chunks of a large leaf).
+_SELECTION_BLOCK_ENTRIES = 1 << 20
 
 
 class _Leaves:
@@ -889,6 +912,9 @@ class _SparseUpdate:
             lay = t.lays[i]
             signature = (x.shape, x.dtype, lay.capacity, lay.index_dtype)
             signature += (layout.explicit_sharding(x),)
+            if x.size > _STACKED_LEAF_ENTRIES:
+                groups[(j,)] = [[j]]  # large leaves are selected on their own (no copy)
+                continue
             bins = groups.setdefault(signature, [[]])
             if bins[-1] and (len(bins[-1]) + 1) * x.size > _GROUP_ENTRIES:
                 bins.append([])
@@ -915,9 +941,12 @@ class _SparseUpdate:
             lay = t.lays[t.sparse[members[0]]]
             group = [xs[j] for j in members]
             if previous is not None:
-                # One group after the other: the refresh's scratch memory is that of one
-                # group, not of all of them at once.
-                group, _ = jax.lax.optimization_barrier((group, previous))
+                # One group after the other, so that the refresh's scratch memory is that
+                # of one group, not of all of them at once: the group's input depends on
+                # the previous group's result through an exact +0.0 (the selection reads
+                # |w|, which +0.0 leaves unchanged; XLA does not fold x + 0.0 for floats).
+                zero = jnp.min(previous).astype(jnp.float32) * 0.0
+                group = [x + zero.astype(x.dtype) for x in group]
 
             def positions(x, ordinal, lay=lay):
                 leaf_key = None if key is None else jax.random.fold_in(key, ordinal)
