@@ -11,6 +11,9 @@ ordinary step.
   the gradient is shared. The density is traced, so the state is sized by
   ``max_density = max(DENSITIES)`` (``nanoadam(..., max_density=...)``, required when
   ``init`` runs under ``jax.vmap`` over densities).
+* **singles sized like the grid** (a third row): the same singles with
+  ``max_density=max(DENSITIES)``, i.e. the state and the per-chunk work a vmapped run
+  has (``jax.vmap`` needs one shape for all runs): this isolates what vmapping costs.
 * **singles**: four separately compiled steps, each ``nanoadam(lr, density=d,
   mask_interval=10**6)`` with its own static density (what one would run one at a
   time), params and state donated.
@@ -92,8 +95,11 @@ class Stepper:
         return seconds
 
 
-def steppers(name: str, params: Any, grads: Any) -> tuple[Stepper, list[Stepper]]:
-    """The vmapped stepper and the single ones of one optimizer."""
+def steppers(
+    name: str, params: Any, grads: Any, same_state: bool = False
+) -> tuple[Stepper, list[Stepper]]:
+    """The vmapped stepper and the single ones of one optimizer (``same_state``: the
+    singles sized like the grid, for its largest density)."""
     runs = len(DENSITIES)
     stacked = jax.tree.map(lambda x: jnp.stack([x] * runs), params)
     if name == "adamw":
@@ -123,7 +129,7 @@ def steppers(name: str, params: Any, grads: Any) -> tuple[Stepper, list[Stepper]
     vmapped = Stepper(vstep, (dens,), stacked, state, grads)
     singles = []
     for d in DENSITIES:
-        tx = nano(d)
+        tx = nano(d, top) if same_state else nano(d)
         p = common.copy_tree(params)
         singles.append(Stepper(common.update_step(tx), (), p, tx.init(p), grads))
     return vmapped, singles
@@ -134,8 +140,10 @@ def bench(rounds: int, steps: int) -> list[dict[str, Any]]:
     params = {"w": 0.02 * jax.random.normal(key, SHAPE)}
     grads = {"w": 1e-3 * jax.random.normal(jax.random.fold_in(key, 1), SHAPE)}
     rows = []
-    for name in ("adamw", f"nanoadam d={','.join(f'{d:g}' for d in DENSITIES)}"):
-        vmapped, singles = steppers(name, params, grads)
+    nano_name = f"nanoadam d={','.join(f'{d:g}' for d in DENSITIES)}"
+    for name in ("adamw", nano_name, nano_name + " (singles sized like the grid)"):
+        same_state = name.endswith("(singles sized like the grid)")
+        vmapped, singles = steppers(name.split(" (")[0], params, grads, same_state)
 
         def all_singles(singles=singles):
             return sum(s.window(steps) for s in singles)

@@ -140,6 +140,12 @@ def summarize(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         where = f"{row['runs']} runs, one {row['leaf_shape'][0]}x{row['leaf_shape'][1]} leaf"
         if row["optimizer"] == "adamw":
             add("vmapped step / single steps (adamw)", row["ratio_vs_singles"], where=where)
+        elif row["optimizer"].endswith("(singles sized like the grid)"):
+            add(
+                "vmapped step / single steps sized like the grid (nanoadam)",
+                row["ratio_vs_singles"],
+                where=where + "; each single holds the grid's state (max_density)",
+            )
         else:
             add(
                 "vmapped step / single steps (nanoadam, 4 densities)",
