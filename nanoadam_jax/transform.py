@@ -945,7 +945,7 @@ class _SparseUpdate:
                 # of one group, not of all of them at once: the group's input depends on
                 # the previous group's result through an exact +0.0 (the selection reads
                 # |w|, which +0.0 leaves unchanged; XLA does not fold x + 0.0 for floats).
-                zero = jnp.min(previous).astype(jnp.float32) * 0.0
+                zero = jnp.sum(previous, dtype=jnp.float32) * 0.0
                 group = [x + zero.astype(x.dtype) for x in group]
 
             def positions(x, ordinal, lay=lay):
