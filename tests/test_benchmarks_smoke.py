@@ -289,3 +289,16 @@ def test_sharding_bench_counts_the_no_refresh_branch_as_per_step(monkeypatch):
     refresh = [(c["op"], c["elements"], c["count"]) for c in found["refresh"]]
     assert step == [("all-reduce", 4, 1)]
     assert refresh == [("all-gather", 32, 1)]
+
+
+def test_compile_diagnostic_parses_xla_log():
+    from benchmarks import diag_compile
+
+    assert diag_compile.kind_of("wrapped_scatter.12") == "wrapped_scatter"
+    assert diag_compile.kind_of("slice_bitcast_fusion.3_kernel_module") == "slice_bitcast_fusion"
+    assert diag_compile.kind_of("__compute_module_add_select_fusion") == "add_select_fusion"
+    r = diag_compile.measure("leaves-8", "adamw")  # a fresh process with XLA's LLVM log on
+    assert r["log_found"], "XLA's 'Compiled LLVM module' log lines were not found"
+    assert r["llvm_modules"] == sum(k["llvm_modules"] for k in r["kinds"]) > 0
+    assert sum(k["kernels"] for k in r["kinds"]) == sum(r["kernels"].values()) > 0
+    assert r["compile_s"] > 0 and r["hlo_instructions"] > 0
