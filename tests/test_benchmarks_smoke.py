@@ -302,3 +302,15 @@ def test_compile_diagnostic_parses_xla_log():
     assert r["llvm_modules"] == sum(k["llvm_modules"] for k in r["kinds"]) > 0
     assert sum(k["kernels"] for k in r["kinds"]) == sum(r["kernels"].values()) > 0
     assert r["compile_s"] > 0 and r["hlo_instructions"] > 0
+
+
+def test_inplace_memory_diagnostic_runs(tmp_path):
+    from benchmarks import diag_inplace_memory
+
+    out = tmp_path / "diag"
+    assert diag_inplace_memory.main(["--layers", "2", "--dim", "128", "--out", str(out)]) == 0
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert [r["mode"] for r in payload["rows"]] == list(diag_inplace_memory.MODES)
+    for r in payload["rows"]:
+        assert r["param_bytes"] == 2 * 128 * 128 * 4 and r["temp_bytes"] >= 0
+    assert "commit" in out.with_suffix(".md").read_text()
