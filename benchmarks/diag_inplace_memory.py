@@ -7,7 +7,9 @@ update of every layer) compiled three ways, side by side:
 * ``scatter-add into zeros, added``: ``p + scatter_add(zeros_like(p), idx, -lr * g[idx])``,
   the form NanoAdam's update takes on one device (XLA fuses it into an in-place
   scatter-add into ``p``);
-* ``scatter-add into p``: the in-place scatter-add written directly.
+* ``scatter-add into p``: the in-place scatter-add written directly;
+* ``scatter-add into p, no forward/backward``: the same scatter into parameters that nothing
+  else reads (a control).
 
 For each: the compiled program's scratch (``memory_analysis().temp_size_in_bytes``) against
 the parameters' bytes, and the number of ``copy`` instructions. On XLA:CPU the two scatter
@@ -35,7 +37,12 @@ import jax.numpy as jnp
 
 from benchmarks import common
 
-MODES = ("dense", "scatter-add into zeros, added", "scatter-add into p")
+MODES = (
+    "dense",
+    "scatter-add into zeros, added",
+    "scatter-add into p",
+    "scatter-add into p, no forward/backward",
+)
 _SCATTER = jax.lax.ScatterDimensionNumbers(
     update_window_dims=(), inserted_window_dims=(0, 1), scatter_dims_to_operand_dims=(0, 1)
 )
@@ -46,6 +53,13 @@ _GATHER = jax.lax.GatherDimensionNumbers(
 
 def step_fn(mode: str):
     def step(params, x, idx):
+        if mode.endswith("no forward/backward"):
+            vals = jnp.full(idx.shape[1:2], -1e-3) * x[0, 0]
+            return [
+                jax.lax.scatter_add(p, idx[m], vals, _SCATTER, mode="promise_in_bounds")
+                for m, p in enumerate(params)
+            ]
+
         def loss(ps):
             h = x
             for p in ps:
@@ -59,7 +73,7 @@ def step_fn(mode: str):
                 out.append(p - 1e-3 * g)
                 continue
             vals = -1e-3 * jax.lax.gather(g, idx[m], _GATHER, (1, 1), mode="promise_in_bounds")
-            base = jnp.zeros_like(p) if mode.endswith("added") else p
+            base = jnp.zeros_like(p) if mode.endswith("added") else p  # into p
             u = jax.lax.scatter_add(base, idx[m], vals, _SCATTER, mode="promise_in_bounds")
             out.append(p + u if mode.endswith("added") else u)
         return out
