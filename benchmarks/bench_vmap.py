@@ -81,17 +81,13 @@ class Stepper:
         jax.block_until_ready(self.params)
         self.faults: list[float] = []
 
-    def step(self) -> None:
+    def step(self) -> tuple[Any, Any]:
         self.params, self.state = self.compiled(self.params, self.state, *self.extra, self.grads)
+        return self.params, self.state
 
     def window(self, steps: int) -> float:
-        f0 = common.minor_faults()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        jax.block_until_ready((self.params, self.state))
-        seconds = (time.perf_counter() - t0) / steps
-        self.faults.append((common.minor_faults() - f0) / steps)
+        seconds, faults = common.timed_window(self.step, steps)
+        self.faults.append(faults)
         return seconds
 
 

@@ -195,6 +195,22 @@ def time_call(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def timed_window(step: Callable[[], Any], steps: int) -> tuple[float, float]:
+    """Seconds and minor page faults per call over ``steps`` back-to-back ``step()`` calls.
+
+    ``step`` returns what it computed; the last result is blocked on before the clock stops
+    (earlier calls are dispatched asynchronously, as a training loop does).
+    """
+    f0 = minor_faults()
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(steps):
+        out = step()
+    jax.block_until_ready(out)
+    seconds = (time.perf_counter() - t0) / steps
+    return seconds, (minor_faults() - f0) / steps
+
+
 def interleaved(
     runners: dict[str, Callable[[], float]], rounds: int, rotate: bool = True
 ) -> dict[str, list[float]]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 if not __package__:  # run as `python benchmarks/diag_update_cost.py`: make `benchmarks` importable
@@ -42,20 +41,15 @@ ROWS = ("optax.adamw", "nanoadam", "nanoadam, refresh cond removed")
 def time_step(tx, params, grads, steps: int = 30, windows: int = 3) -> dict[str, float]:
     """Best per-step milliseconds over ``windows`` windows of ``steps`` donated steps, the
     page faults per step of that window and the program's scratch bytes."""
-    p, s = common.copy_tree(params), tx.init(params)
-    f = jax.jit(common.update_step(tx), donate_argnums=(0, 1)).lower(p, s, grads).compile()
-    p, s = f(p, s, grads)
-    jax.block_until_ready(p)
-    best, faults = float("inf"), 0.0
-    for _ in range(windows):
-        f0 = common.minor_faults()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            p, s = f(p, s, grads)
-        jax.block_until_ready((p, s))
-        seconds = (time.perf_counter() - t0) / steps
-        if seconds < best:
-            best, faults = seconds, (common.minor_faults() - f0) / steps
+    carry = [common.copy_tree(params), tx.init(params)]
+    f = jax.jit(common.update_step(tx), donate_argnums=(0, 1)).lower(*carry, grads).compile()
+
+    def step():
+        carry[:] = f(*carry, grads)
+        return carry
+
+    jax.block_until_ready(step())
+    best, faults = min(common.timed_window(step, steps) for _ in range(windows))
     temp = int(f.memory_analysis().temp_size_in_bytes)
     return {"ms": 1e3 * best, "faults": faults, "temp_bytes": temp}
 
