@@ -38,6 +38,12 @@ from typing import Any
 import jax
 import numpy as np
 
+# The selection rule itself (rounding of k, chunk length, order) is the one written out in
+# reference_selection.py, the selection tests' reference: one plain-numpy copy of it.
+from reference_selection import ref_chunk_length as chunk_length
+from reference_selection import ref_k as num_selected
+from reference_selection import ref_order
+
 SPARSE, DENSE, FROZEN = "sparse", "dense", "frozen"
 
 #: Last words of a path component that make a leaf dense (an output head).
@@ -100,50 +106,6 @@ def _is_low_float(leaf: Any) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def num_selected(n: int, density: float) -> int:
-    """``clip(floor(d * n + 0.5), 1, n)`` computed in float32 (0 for an empty unit)."""
-    if n == 0:
-        return 0
-    k = np.floor(np.float32(density) * np.float32(n) + np.float32(0.5))
-    return int(min(max(int(k), 1), n))
-
-
-def chunk_length(slice_shape: tuple[int, ...], chunk_size: int) -> int:
-    """Entries per chunk of a slice of this shape, for a target ``chunk_size``.
-
-    Whole trailing axes are taken while they fit; the first axis that does not fit
-    contributes its largest divisor that still fits, unless that gives a chunk below
-    ``chunk_size // 16``, in which case that whole axis is taken (chunk above target).
-    """
-    n = int(np.prod(slice_shape, dtype=np.int64))
-    if n <= chunk_size:
-        return n
-    inner = 1
-    for size in reversed(slice_shape):
-        if inner * size <= chunk_size:
-            inner *= size
-            continue
-        factor = max(f for f in range(1, size + 1) if size % f == 0 and f * inner <= chunk_size)
-        length = factor * inner
-        if length < chunk_size // 16:
-            length = size * inner
-        return length
-    raise AssertionError("unreachable: n > chunk_size implies an axis that does not fit")
-
-
-def selection_order(values: np.ndarray) -> np.ndarray:
-    """Flat indices of ``values`` from most to least selectable.
-
-    Smallest float32 magnitude first; NaN after everything (also after ``inf``);
-    equal keys in index order.
-    """
-    mag = np.abs(np.asarray(values).astype(np.float32).reshape(-1))
-    is_nan = np.isnan(mag)
-    mag = np.where(is_nan, np.float32(0), mag)
-    # lexsort: the last key is the primary one.
-    return np.lexsort((np.arange(mag.size), mag, is_nan))
-
-
 def select_units(flat: np.ndarray, unit: int, density: float) -> np.ndarray:
     """Boolean mask over ``flat``, cut into consecutive units of ``unit`` entries."""
     out = np.zeros(flat.size, bool)
@@ -152,7 +114,7 @@ def select_units(flat: np.ndarray, unit: int, density: float) -> np.ndarray:
     assert flat.size % unit == 0, (flat.size, unit)
     for start in range(0, flat.size, unit):
         part = flat[start : start + unit]
-        out[start + selection_order(part)[: num_selected(unit, density)]] = True
+        out[start + ref_order(part)[: num_selected(unit, density)]] = True
     return out
 
 
@@ -192,7 +154,7 @@ def select_global(leaves: list[np.ndarray], density: float) -> list[np.ndarray]:
     cat = np.concatenate(flats) if flats else np.zeros(0, np.float32)
     chosen = np.zeros(cat.size, bool)
     if cat.size:
-        chosen[selection_order(cat)[: num_selected(cat.size, density)]] = True
+        chosen[ref_order(cat)[: num_selected(cat.size, density)]] = True
     masks, start = [], 0
     for x, f in zip(leaves, flats):
         masks.append(chosen[start : start + f.size].reshape(np.shape(x)))
