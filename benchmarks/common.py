@@ -179,6 +179,19 @@ def minor_faults() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
+def provenance_md(machine: dict[str, Any], command: str) -> list[str]:
+    """The markdown bullets a diagnostic's results start with: command, date and library
+    commit (``library modified`` when ``nanoadam_jax/`` had uncommitted changes), machine."""
+    commit = str(machine["git"].get("commit"))[:12]
+    dirty = ", library modified" if machine["git"].get("library_dirty") else ""
+    return [
+        f"- command: `{command}`",
+        f"- date: {machine['date']}; commit {commit}{dirty}",
+        f"- machine: {machine['processor']}, {machine['cpus_available']} CPUs available; "
+        f"load average at the end {load_average()}; jax {machine['jax']}",
+    ]
+
+
 # --------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------

@@ -115,15 +115,10 @@ def measure(case: str, optimizer: str) -> dict[str, Any]:
 
 
 def render(rows: list[dict[str, Any]], machine: dict[str, Any], command: str) -> str:
-    commit = str(machine["git"].get("commit"))[:12]
-    dirty = ", library modified" if machine["git"].get("library_dirty") else ""
     lines = [
         "# Compile-time diagnostic: kernels and LLVM modules (XLA:CPU)",
         "",
-        f"- command: `{command}`",
-        f"- date: {machine['date']}; commit {commit}{dirty}",
-        f"- machine: {machine['processor']}, {machine['cpus_available']} CPUs available; "
-        f"load average at the end {common.load_average()}; jax {machine['jax']}",
+        *common.provenance_md(machine, command),
         "",
         "| case | optimizer | lower s | compile s | kernels | LLVM modules | LLVM s |",
         "|---|---|---|---|---|---|---|",

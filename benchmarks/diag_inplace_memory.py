@@ -115,15 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(args.layers, args.dim)
     machine = common.machine_info()
     command = f"python benchmarks/diag_inplace_memory.py --layers {args.layers} --dim {args.dim}"
-    commit = str(machine["git"].get("commit"))[:12]
-    dirty = ", library modified" if machine["git"].get("library_dirty") else ""
     lines = [
         f"# Scratch of an in-place scatter-add into donated parameters ({args.layers} x "
         f"{args.dim}x{args.dim} layers, forward + backward + update)",
         "",
-        f"- command: `{command}`",
-        f"- date: {machine['date']}; commit {commit}{dirty}",
-        f"- machine: {machine['processor']}; jax {machine['jax']} ({machine['backend']})",
+        *common.provenance_md(machine, command),
         "",
         "| update | scratch | scratch / params | copy instructions |",
         "|---|---|---|---|",

@@ -78,15 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         nanoadam.refresh.cond = cond
     base = results[ROWS[0]]["ms"]
     machine = common.machine_info()
-    commit = str(machine["git"].get("commit"))[:12]
-    dirty = ", library modified" if machine["git"].get("library_dirty") else ""
+    command = f"python benchmarks/diag_update_cost.py --params {args.params:g}"
     lines = [
         f"# Update cost diagnostic ({args.params:g} parameters, d=0.1, no refresh taken)",
         "",
-        f"- command: `python benchmarks/diag_update_cost.py --params {args.params:g}`",
-        f"- date: {machine['date']}; commit {commit}{dirty}",
-        f"- machine: {machine['processor']}, {machine['cpus_available']} CPUs available; "
-        f"load average at the end {common.load_average()}; jax {jax.__version__}",
+        *common.provenance_md(machine, command),
         "",
         "| step | ms | / adamw | page faults / step | scratch (temp) |",
         "|---|---|---|---|---|",
