@@ -8,7 +8,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,45 +20,16 @@ import optax
 
 import nanoadam_jax as nanoadam
 
+# Provenance (the checkout's commit, the CPU model): one copy, shared with the examples'
+# results files (``examples`` is a namespace package from the repository root).
+from examples.common.results import cpu_model, git_revision
+
 #: Width of the synthetic 2-D leaves (columns).
 LEAF_COLS = 1024
 #: Entries per synthetic leaf (about the size of a 1024x1024 weight matrix).
 LEAF_ENTRIES = 2**20
 #: The repository checkout the benchmarks live in.
 REPO = Path(__file__).resolve().parents[1]
-
-
-def git_revision(repo: str | Path = REPO) -> dict[str, Any]:
-    """The checkout's commit, and whether the library (``nanoadam_jax/``) differs from it.
-
-    ``{"commit": None, "library_dirty": None}`` outside a git checkout or without ``git``.
-    """
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
-
-    try:
-        return {
-            "commit": git("rev-parse", "HEAD"),
-            "library_dirty": bool(git("status", "--porcelain", "--", "nanoadam_jax")),
-        }
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "library_dirty": None}
-
-
-def cpu_model() -> str:
-    """The processor's model name (``/proc/cpuinfo`` on Linux), else ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info() -> dict[str, Any]:
