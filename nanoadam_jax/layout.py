@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanoadam_jax import selection
+from nanoadam_jax._rows import mode as _mode
+from nanoadam_jax._sharding import explicit_sharding
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -148,7 +150,7 @@ class LeafLayout:
         shape = self.shape if perm is None else tuple(self.shape[a] for a in perm)
         sharding = None
         if like is not None:
-            sharding = _typeof_sharding(like)
+            sharding = explicit_sharding(like)
             if sharding is not None and perm is not None:
                 spec = tuple(sharding.spec) + (None,) * (len(self.shape) - len(sharding.spec))
                 sharding = jax.sharding.NamedSharding(
@@ -158,23 +160,9 @@ class LeafLayout:
         return x if perm is None else jnp.transpose(x, np.argsort(perm))
 
 
-def _typeof_sharding(x: jax.Array) -> Any:
-    """``x``'s sharding when it is explicit (set on its type), else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if spec is None or all(e is None for e in spec):
-        return None
-    return sharding
-
-
-def explicit_sharding(x: jax.Array) -> Any:
-    """``x``'s sharding under explicit sharding (set on its type), else None."""
-    return _typeof_sharding(x)
-
-
 def _explicit(x: jax.Array, lay: LeafLayout) -> Any:
     """The view's sharding under explicit sharding (None otherwise)."""
-    sharding = _typeof_sharding(x)
+    sharding = explicit_sharding(x)
     if sharding is None:
         return None
     spec = tuple(sharding.spec)
@@ -183,55 +171,6 @@ def _explicit(x: jax.Array, lay: LeafLayout) -> Any:
     view = lay.view_spec(spec)
     entries = view if view is not None else (None,) * (len(lay.grid) + 1)
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*entries))
-
-
-def take_rows(view: jax.Array, pos: jax.Array, padded: bool) -> jax.Array:
-    """``view[..., pos]`` row by row (leading axes are batch axes; no collective when they
-    are sharded). Padding positions (``== C``) read zero."""
-    nb = view.ndim - 1
-    dnums = jax.lax.GatherDimensionNumbers(
-        offset_dims=(),
-        collapsed_slice_dims=(nb,),
-        start_index_map=(nb,),
-        operand_batching_dims=tuple(range(nb)),
-        start_indices_batching_dims=tuple(range(nb)),
-    )
-    mode = jax.lax.GatherScatterMode.FILL_OR_DROP if padded else jax.lax.GatherScatterMode.CLIP
-    return jax.lax.gather(
-        view,
-        pos.astype(jnp.int32)[..., None],
-        dnums,
-        slice_sizes=(1,) * view.ndim,
-        indices_are_sorted=True,
-        mode=mode,
-        fill_value=0,
-    )
-
-
-def scatter_add_rows(base: jax.Array, pos: jax.Array, values: jax.Array) -> jax.Array:
-    """``base`` with ``values`` added at ``pos`` row by row; padding positions dropped.
-
-    A scatter-*add* into zeros: when the result is added to the parameters in the same
-    jitted step (``optax.apply_updates``), XLA turns both into one in-place scatter-add
-    into the parameters (no parameter-sized update buffer).
-    """
-    nb = base.ndim - 1
-    dnums = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(),
-        inserted_window_dims=(nb,),
-        scatter_dims_to_operand_dims=(nb,),
-        operand_batching_dims=tuple(range(nb)),
-        scatter_indices_batching_dims=tuple(range(nb)),
-    )
-    return jax.lax.scatter_add(
-        base,
-        pos.astype(jnp.int32)[..., None],
-        values.astype(base.dtype),
-        dnums,
-        indices_are_sorted=True,
-        unique_indices=True,
-        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
-    )
 
 
 def leaf_coords(lay: LeafLayout, pos: jax.Array, padded: bool) -> jax.Array:
@@ -279,11 +218,7 @@ def take_coords(lay: LeafLayout, x: jax.Array, coords: jax.Array, padded: bool) 
         slice_sizes=(1,) * x.ndim,
         indices_are_sorted=lay.permutation is None,
         unique_indices=not padded,
-        mode=(
-            jax.lax.GatherScatterMode.FILL_OR_DROP
-            if padded
-            else jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
-        ),
+        mode=_mode(padded, jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS),
         fill_value=0,
     )
 
@@ -304,11 +239,7 @@ def scatter_into_zeros(
         dnums,
         indices_are_sorted=lay.permutation is None,
         unique_indices=not padded,
-        mode=(
-            jax.lax.GatherScatterMode.FILL_OR_DROP
-            if padded
-            else jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
-        ),
+        mode=_mode(padded, jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS),
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nanoadam_jax.layout import take_rows
+from nanoadam_jax._rows import take_rows
 
 __all__ = ["REFRESH_POLICIES", "carry_plan", "carry_positions", "cond", "refresh_due"]
 

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nanoadam_jax import _checks, layout, refresh, schedules, selection
+from nanoadam_jax import _checks, _rows, layout, refresh, schedules, selection
+from nanoadam_jax._sharding import explicit_sharding, known_sharding
 from nanoadam_jax.labels import DENSE, SPARSE, Labels, _num_positional, label_params
 from nanoadam_jax.layout import LeafLayout, SelectionDimensionNumbers
 
@@ -149,18 +150,6 @@ def _boxes(params: Any) -> tuple[Any, list[Any]]:
     if len(leaves) != jax.tree.structure(params).num_leaves:
         return jax.tree.structure(params), jax.tree.leaves(params)
     return boxed, leaves
-
-
-def _leaf_sharding(p: Any) -> Any:
-    """A parameter's NamedSharding when it is known here, else None."""
-    if isinstance(p, jax.core.Tracer):
-        sharding = getattr(jax.typeof(p), "sharding", None)
-        spec = getattr(sharding, "spec", None)
-        if spec is None or all(s is None for s in spec):
-            return None
-    else:
-        sharding = getattr(p, "sharding", None)
-    return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
 def _zero_update(u: Any) -> Any:
@@ -389,7 +378,7 @@ def _init_layouts(config: _Config, params: Any, sparse: list[int]) -> dict[int, 
             scope=config.scope,
             chunk_size=config.chunk_size,
             max_density=max_density,
-            sharding=_leaf_sharding(p),
+            sharding=known_sharding(p),
             path=jax.tree_util.keystr(path),
         )
     return out
@@ -411,7 +400,7 @@ def _update_layouts(
 def _state_array(lay: LeafLayout, fill: int, dtype: Any, like: Any) -> jax.Array:
     """A ``(*grid, capacity)`` array, sharded like the leaf's rows when that is known."""
     sharding = None
-    ps = _leaf_sharding(like)
+    ps = known_sharding(like)
     if lay.spec is not None and ps is not None:
         sharding = jax.sharding.NamedSharding(ps.mesh, jax.sharding.PartitionSpec(*lay.spec, None))
     if isinstance(like, jax.core.Tracer):
@@ -446,7 +435,7 @@ def _mask_init(config: _Config, params: Any) -> tuple[Any, ...]:
 
 def _masks_from_positions(lay: LeafLayout, pos: jax.Array) -> jax.Array:
     ones = jnp.ones(pos.shape, jnp.int32)
-    hit = layout.scatter_add_rows(jnp.zeros((*lay.grid, lay.chunk), jnp.int32), pos, ones)
+    hit = _rows.scatter_add_rows(jnp.zeros((*lay.grid, lay.chunk), jnp.int32), pos, ones)
     return lay.unview(hit > 0)
 
 
@@ -911,7 +900,7 @@ class _SparseUpdate:
         for j, (i, x) in enumerate(zip(t.sparse, xs)):
             lay = t.lays[i]
             signature = (x.shape, x.dtype, lay.capacity, lay.index_dtype)
-            signature += (layout.explicit_sharding(x),)
+            signature += (explicit_sharding(x),)
             if x.size > _STACKED_LEAF_ENTRIES:
                 groups[(j,)] = [[j]]  # large leaves are selected on their own (no copy)
                 continue
@@ -1084,7 +1073,7 @@ class _SparseUpdate:
         def take(i, x):
             if i in direct:
                 return layout.take_coords(t.lays[i], x, direct[i], padded)
-            return layout.take_rows(t.view(i, x), sel[i], padded)
+            return _rows.take_rows(t.view(i, x), sel[i], padded)
 
         if self.compact:
             g = [(i, take(i, updates[i])) for i in t.sparse]
@@ -1106,7 +1095,7 @@ class _SparseUpdate:
                 out[i] = layout.scatter_into_zeros(t.lays[i], u, direct[i], u_flat[i], padded)
             elif self.compact:
                 zeros = jnp.zeros_like(t.view(i, u))
-                out[i] = t.lays[i].unview(layout.scatter_add_rows(zeros, sel[i], u_flat[i]), u)
+                out[i] = t.lays[i].unview(_rows.scatter_add_rows(zeros, sel[i], u_flat[i]), u)
             else:
                 out[i] = jnp.where(sel[i], u_flat[i], 0).astype(u.dtype)
         return out, self.moments.store(inner_state)
