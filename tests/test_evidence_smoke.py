@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/evidence.py``, both tasks: every experiment in a few steps.
+"""Smoke test of ``python -m benchmarks.evidence``, both tasks: every experiment in a few steps.
 
 Checks that the outputs are well formed (files written, keys present, accuracies in [0, 1],
 every method's best learning rate taken from its grid, the run cache reused), never what the
@@ -37,7 +37,8 @@ def _check_table(table: dict, grid) -> None:
 
 
 def _smoke(tmp_path_factory, needed, name: str, *args: str):
-    """Run ``evidence.py --smoke ARGS`` in-process into a fresh folder, or skip without assets."""
+    """Run ``python -m benchmarks.evidence --smoke ARGS`` in-process into a fresh folder, or skip
+    without assets."""
     missing = assets.missing_assets(*needed)
     if missing:
         pytest.skip("offline assets not installed; run: " + " && ".join(missing))
@@ -84,7 +85,7 @@ def test_files_written(evidence_run):
     assert (out / "runs.json").is_file()
     assert returned["wall_s"] > 0 and returned["cpu_s"] > 0
     summary = (out / "summary.md").read_text()
-    for needle in ("SMOKE RUN", "Command: `python benchmarks/evidence.py", "jax ", "Date:",
+    for needle in ("SMOKE RUN", "Command: `python -m benchmarks.evidence", "jax ", "Date:",
                    "## E1.", "## E2.", "## E3.", "## E4.", "## E5.", "e1.png"):  # fmt: skip
         assert needle in summary, needle
 
@@ -152,7 +153,7 @@ def text_run(tmp_path_factory):
     return _smoke(tmp_path_factory, TEXT_ASSETS, "evidence-text", "--task", "text")
 
 
-@pytest.mark.slow  # the vision smoke covers evidence.py in the default suite (about 30 s saved)
+@pytest.mark.slow  # the vision smoke covers the package in the default suite (about 30 s saved)
 def test_text_files_and_json(text_run):
     evidence, out, returned = text_run
     s = evidence.TEXT_SMOKE

@@ -1,0 +1,1 @@
+"""The fine-tuning tasks: :mod:`.vision` (MNIST CNN) and :mod:`.text` (MiniLM)."""
