@@ -22,7 +22,7 @@ steps in training).
 **Selection method** (rows with ``method="top_k"``): the default chunk again, with the
 library's per-row threshold search (:func:`nanoadam_jax.selection.chunk_positions`)
 replaced by ``jax.lax.top_k`` per row
-(:func:`nanoadam_jax.selection.chunk_positions_top_k`, patched into
+(:func:`benchmarks._selection_variants.chunk_positions_top_k`, patched into
 ``nanoadam_jax.selection`` while the step is traced). Ordinary steps do not select, so
 only the refresh step differs.
 """
@@ -40,6 +40,7 @@ import optax
 
 import nanoadam_jax as nanoadam
 from benchmarks import common
+from benchmarks._selection_variants import chunk_positions_top_k
 
 TITLE = "Chunk length and selection method: ordinary and refresh steps vs AdamW"
 LR = 1e-3
@@ -71,7 +72,7 @@ def selection_method(method: str) -> Iterator[None]:
         return
     sel = nanoadam.selection
     original = sel.chunk_positions
-    sel.chunk_positions = sel.chunk_positions_top_k
+    sel.chunk_positions = chunk_positions_top_k
     try:
         yield
     finally:

@@ -8,8 +8,8 @@ the optimizer lays it out (:func:`nanoadam_jax.layout.leaf_layout`):
   ``leaf`` (one chunk per leaf, exactly ``k`` of the whole tensor);
 * ``method``: ``threshold`` (:func:`nanoadam_jax.selection.chunk_positions`, the library's:
   a 32-pass bisection on the key bits per row, no sort) or ``top_k``
-  (:func:`nanoadam_jax.selection.chunk_positions_top_k`: ``jax.lax.top_k`` per row, then a
-  sort of the positions).
+  (:func:`benchmarks._selection_variants.chunk_positions_top_k`: ``jax.lax.top_k`` per row,
+  then a sort of the positions).
 
 Both compute the keys (:func:`nanoadam_jax.selection_keys`) and return the sorted positions
 per chunk. Methods take turns within a round (rotated order); each measurement repeats the
@@ -30,12 +30,13 @@ import numpy as np
 
 import nanoadam_jax as nanoadam
 from benchmarks import common
+from benchmarks._selection_variants import chunk_positions_top_k
 
 TITLE = "Selection cost of one leaf by scope and method (jitted)"
 DENSITY = 0.1
 METHODS = {
     "threshold": nanoadam.selection.chunk_positions,
-    "top_k": nanoadam.selection.chunk_positions_top_k,
+    "top_k": chunk_positions_top_k,
 }
 SCOPES = ("chunk", "leaf")
 #: ``{leaf size: rounds}``. The first (warm, already compiled) call of each method counts as

@@ -21,7 +21,7 @@ from nanoadam_jax.labels import (
     label_params,
     path_names,
 )
-from nanoadam_jax.layout import SelectionDimensionNumbers
+from nanoadam_jax.layout import SelectionDimensionNumbers, select_mask
 from nanoadam_jax.plan import LeafPlan, Plan, plan
 from nanoadam_jax.schedules import constant_density, linear_density_decay
 from nanoadam_jax.selection import (
@@ -29,7 +29,6 @@ from nanoadam_jax.selection import (
     kth_smallest_key,
     num_selected,
     select_global_masks,
-    select_mask,
     selection_keys,
 )
 from nanoadam_jax.transform import (

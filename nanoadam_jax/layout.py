@@ -489,3 +489,83 @@ def layer_axes_from_metadata(leaf: Any, names: Sequence[str]) -> tuple[int, ...]
 DimensionNumbers = (
     None | SelectionDimensionNumbers | Any | Callable[[Any], Any]
 )  # a tree or params -> tree
+
+
+# -- masks of a leaf's selection (the rule of :mod:`nanoadam_jax.selection`, cut into chunks) --
+
+__all__ += ["select_mask", "selection_mask"]
+
+
+def selection_mask(
+    lay: LeafLayout,
+    x: jax.Array,
+    density: jax.typing.ArrayLike,
+    criterion: str = "smallest",
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean mask of ``x``'s selected entries for a :class:`LeafLayout`: exactly
+    ``num_selected(lay.chunk, density)`` per chunk, ties by position.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> w = jnp.array([[0.3, -0.01], [2.0, 0.02]])
+      >>> lay = nanoadam.layout.leaf_layout(w.shape)
+      >>> nanoadam.layout.selection_mask(lay, w, 0.5).tolist()
+      [[False, True], [False, True]]
+
+    Args:
+      lay: how ``x`` is cut into chunks (:func:`leaf_layout`).
+      x: the weights.
+      density: fraction in ``(0, 1]`` (may be traced).
+      criterion: one of :data:`nanoadam_jax.selection.CRITERIA`.
+      key: PRNG key for ``criterion="random"``.
+
+    Returns:
+      A bool array with the shape of ``x``.
+    """
+    if x.size == 0:
+        return jnp.zeros(x.shape, bool)
+    keys = selection.selection_keys(lay.view(x), criterion, key)
+    return lay.unview(selection.chunk_mask(keys, selection.num_selected(lay.chunk, density)), x)
+
+
+def select_mask(
+    x: jax.Array,
+    density: jax.typing.ArrayLike,
+    *,
+    scope: str = "chunk",
+    chunk_size: int | None = None,
+    layer_axes: Sequence[int] = (),
+    criterion: str = "smallest",
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean mask of the selected entries of one weight tensor (the optimizer's rule).
+
+    Exactly :func:`~nanoadam_jax.selection.num_selected` entries per chunk
+    (``scope="chunk"``, chunks as in :func:`leaf_layout`) or per layer matrix
+    (``scope="leaf"``); ``layer_axes`` are selected independently. Exported as
+    ``nanoadam.select_mask``.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> w = jnp.array([[0.3, -0.01], [2.0, 0.02]])
+      >>> nanoadam.select_mask(w, 0.5).tolist()
+      [[False, True], [False, True]]
+
+    Args:
+      x: the weights.
+      density: fraction in ``(0, 1]`` (may be traced).
+      scope: ``"chunk"`` or ``"leaf"`` (use
+        :func:`~nanoadam_jax.selection.select_global_masks` for global).
+      chunk_size: target chunk length (None: the default).
+      layer_axes: axes whose every index is selected on its own.
+      criterion: one of :data:`nanoadam_jax.selection.CRITERIA`.
+      key: PRNG key for ``criterion="random"``.
+
+    Returns:
+      A bool array with the shape of ``x``.
+    """
+    if scope not in ("chunk", "leaf"):
+        raise ValueError(f"select_mask handles scope 'chunk' or 'leaf', got {scope!r}")
+    lay = leaf_layout(x.shape, batch_axes=layer_axes, scope=scope, chunk_size=chunk_size)
+    return selection_mask(lay, x, density, criterion, key)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from nanoadam_jax._rows import take_rows
+from nanoadam_jax.selection import bisect
 
 __all__ = ["REFRESH_POLICIES", "carry_plan", "carry_positions", "cond", "refresh_due"]
 
@@ -114,9 +115,9 @@ def carry_plan(old: jax.Array, new: jax.Array, chunk: int) -> tuple[jax.Array, j
     """Where each new selected entry sat in the old selection: ``(slot, found)``.
 
     Rows are chunks; positions in each row are sorted, padding slots hold ``chunk``. A
-    binary search of every new position among the row's old ones (a loop of
-    ``log2(capacity)`` row-wise gathers): local to each row, so a sharded grid stays
-    sharded, and no chunk-sized scratch memory.
+    binary search of every new position among the row's old ones
+    (:func:`~nanoadam_jax.selection.bisect`: ``log2(capacity)`` row-wise gathers): local
+    to each row, so a sharded grid stays sharded, and no chunk-sized scratch memory.
 
     Example:
       >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
@@ -130,15 +131,10 @@ def carry_plan(old: jax.Array, new: jax.Array, chunk: int) -> tuple[jax.Array, j
         return jnp.zeros(new.shape, jnp.int32), jnp.zeros(new.shape, bool)
     old, new = old.astype(jnp.int32), new.astype(jnp.int32)
 
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) // 2
-        below = take_rows(old, jnp.minimum(mid, k - 1), padded=False) < new
-        return jnp.where(below, mid + 1, lo), jnp.where(below, hi, mid)
+    def at_or_after(j):  # old[j] >= new: the first such j is new's place among the old
+        return take_rows(old, jnp.minimum(j, k - 1), padded=False) >= new
 
-    lo, _ = jax.lax.fori_loop(
-        0, max(1, k.bit_length()), body, (jnp.zeros_like(new), jnp.full_like(new, k))
-    )
+    lo = bisect(at_or_after, jnp.zeros_like(new), jnp.full_like(new, k), k)
     slot = jnp.minimum(lo, k - 1)
     found = (take_rows(old, slot, padded=False) == new) & (new < chunk)
     return slot, found

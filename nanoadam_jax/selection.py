@@ -1,21 +1,26 @@
-"""Which entries of a weight tensor are trainable: the selection rule.
+"""Which entries of a weight tensor are trainable: the selection rule, row by row.
 
-Everything that decides *which* entries NanoAdam updates lives here:
+Everything that decides *which* entries NanoAdam updates lives here, as pure algorithms
+on rows of keys (how tensors are cut into rows, the chunks, is
+:mod:`nanoadam_jax.layout`'s business; this module does not import it):
 
 * :func:`num_selected` turns a density into a count ``k`` (the rounding rule).
 * :func:`selection_keys` turns weights into sortable ``uint32`` keys for a
   criterion (smallest ``|w|``, largest ``|w|`` or random).
-* :func:`chunk_positions` gives the sorted positions of the ``k`` smallest keys of
-  every chunk (the optimizer's refresh), by an exact per-row threshold search.
-* :func:`bottom_k_mask` picks exactly ``k`` smallest keys per row as a mask (the same
-  rule, for the masking transformations).
-* :func:`select_mask` (per chunk or per layer matrix) and :func:`select_global_masks`
-  (one threshold over many leaves) combine them.
+* :func:`bisect` is the one bisection: every threshold below (and the refresh's search of
+  old positions, :func:`nanoadam_jax.refresh.carry_plan`) is found with it.
+* :func:`kth_smallest_key` finds each row's ``k``-th smallest key, and
+  :func:`bottom_k_mask` picks exactly ``k`` smallest keys per row as a mask.
+* :func:`chunk_mask` and :func:`chunk_positions` do the same for rows on the last axis
+  (one row per chunk): the optimizer's refresh.
+* :func:`select_global_masks` applies one threshold over many leaves (``scope="global"``).
+
+Masks of a whole tensor, cut into chunks, are :func:`nanoadam_jax.layout.select_mask`
+(``nanoadam.select_mask``) and :func:`nanoadam_jax.layout.selection_mask`.
 
 The rule, in words: *the trainable set of a chunk is the k entries with the
 smallest key; among equal keys the one with the smaller position in the chunk
-(row-major order) wins.* The selection uses no gradient. How tensors are cut into
-chunks is :mod:`nanoadam_jax.layout`'s business.
+(row-major order) wins.* The selection uses no gradient.
 
 Numerical conventions (documented and tested):
 
@@ -31,29 +36,33 @@ Numerical conventions (documented and tested):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanoadam_jax._rows import set_rows
+from nanoadam_jax._sharding import explicit_sharding
+
 __all__ = [
     "CRITERIA",
     "METHODS",
+    "bisect",
     "bottom_k_mask",
     "chunk_mask",
     "chunk_positions",
     "kth_smallest_key",
     "num_selected",
+    "num_selected_static",
     "select_global_masks",
-    "select_mask",
     "selection_keys",
 ]
 
 #: Accepted values of ``criterion``.
 CRITERIA = ("smallest", "largest", "random")
-#: Accepted values of ``method`` (how the k smallest keys are found).
+#: Accepted values of :func:`bottom_k_mask`'s ``method`` (how the k smallest keys are found).
 METHODS = ("bisection", "sort", "top_k")
 
 _MAX_KEY = jnp.uint32(0xFFFFFFFF)
@@ -149,18 +158,52 @@ def selection_keys(
     return jnp.where(nan, _MAX_KEY, keys)
 
 
-def _out_sharding(x: jax.Array):
-    """``x``'s sharding while tracing when it is explicit (an ``out_sharding``), else None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if spec is None or all(p is None for p in spec):
-        return None
-    return sharding
+# -- the one bisection --------------------------------------------------------------------------
+
+
+def bisect(
+    enough: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array, span: int
+) -> jax.Array:
+    """Smallest ``t`` in ``[lo, hi]`` with ``enough(t)``, element-wise, by bisection.
+
+    ``enough`` must be monotone (False, then True, as ``t`` grows) and is taken to hold
+    at ``hi``. ``span`` is a static bound on ``hi - lo``: the loop runs
+    ``max(1, span.bit_length())`` passes (32 over all ``uint32`` keys), which makes the
+    answer exact. ``lo`` and ``hi`` may be arrays (one search per element, e.g. per row).
+    Each pass is one call of ``enough``: only comparisons and counts, no sort, so it runs
+    under ``jit`` and ``vmap`` with traced bounds.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> int(nanoadam.selection.bisect(lambda t: t * t >= 50, jnp.int32(0), jnp.int32(99), 99))
+      8
+
+    Args:
+      enough: ``t -> bool array`` shaped like ``lo``.
+      lo: lower bounds (an integer array).
+      hi: upper bounds, same shape and dtype as ``lo``.
+      span: static bound on ``hi - lo``.
+
+    Returns:
+      An array shaped like ``lo``.
+    """
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        ok = enough(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, max(1, int(span).bit_length()), body, (lo, hi))
+    return lo
+
+
+# -- rows on the first axis: (rows, *rest) ------------------------------------------------------
 
 
 def _rows_like(keys: jax.Array, value: int, dtype: Any) -> jax.Array:
     """A ``(rows,)`` vector sharded like the rows of ``keys`` (under explicit sharding)."""
-    sharding = _out_sharding(keys)
+    sharding = explicit_sharding(keys)
     if sharding is not None:
         spec = jax.sharding.PartitionSpec(sharding.spec[0] if len(sharding.spec) else None)
         sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
@@ -176,27 +219,12 @@ def _row_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(x, axis=tuple(range(1, x.ndim)), dtype=jnp.int32)
 
 
-def _kth_smallest_nd(keys: jax.Array, k: jax.Array) -> jax.Array:
-    """:func:`kth_smallest_key` for keys shaped ``(rows, *rest)`` (no reshape)."""
-    lo = _rows_like(keys, 0, jnp.uint32)
-    hi = _rows_like(keys, 0xFFFFFFFF, jnp.uint32)
-
-    def body(_, carry):
-        lo, hi = carry
-        mid = lo + (hi - lo) // 2
-        enough = _row_sum(keys <= _row_view(mid, keys.ndim)) >= k
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    return lo
-
-
 def _row_index(keys: jax.Array) -> jax.Array:
     """Row-major position of each entry inside its row of a ``(rows, *rest)`` array.
 
     Built from iotas (element-wise): partitioned like ``keys``, never gathered.
     """
-    sharding = _out_sharding(keys)
+    sharding = explicit_sharding(keys)
     idx = jnp.zeros((), jnp.int32)
     stride = 1
     for axis in range(keys.ndim - 1, 0, -1):
@@ -204,6 +232,32 @@ def _row_index(keys: jax.Array) -> jax.Array:
         idx = idx + iota * jnp.int32(stride)
         stride *= keys.shape[axis]
     return jnp.broadcast_to(idx, keys.shape)
+
+
+def kth_smallest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
+    """Smallest ``t`` with ``count(keys[r] <= t) >= k[r]``, per row, by bisection.
+
+    Exact in 32 passes over the data (:func:`bisect`), each pass a comparison and a
+    count; works under ``jit`` and ``vmap`` with traced ``k``. For ``k = 0`` it returns 0.
+    A row may span several axes (``(rows, *rest)``, no reshape); on a sharded ``keys`` each
+    pass costs one all-reduce of ``rows`` counts.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> keys = jnp.array([[5, 1, 9, 1]], jnp.uint32)
+      >>> int(nanoadam.kth_smallest_key(keys, jnp.array([3]))[0])
+      5
+
+    Args:
+      keys: uint32 array of shape ``(rows, cols)`` (or ``(rows, *rest)``).
+      k: int32 array of shape ``(rows,)``.
+
+    Returns:
+      uint32 thresholds of shape ``(rows,)``.
+    """
+    lo = _rows_like(keys, 0, jnp.uint32)
+    hi = _rows_like(keys, 0xFFFFFFFF, jnp.uint32)
+    return bisect(lambda t: _row_sum(keys <= _row_view(t, keys.ndim)) >= k, lo, hi, 0xFFFFFFFF)
 
 
 def _bottom_k_nd(keys: jax.Array, k: jax.Array) -> jax.Array:
@@ -216,69 +270,22 @@ def _bottom_k_nd(keys: jax.Array, k: jax.Array) -> jax.Array:
     sharding). The second bisection runs only when there are surplus ties.
     """
     size = int(np.prod(keys.shape[1:]))
-    t = _row_view(_kth_smallest_nd(keys, k), keys.ndim)
+    t = _row_view(kth_smallest_key(keys, k), keys.ndim)
     below = keys < t
     equal = keys == t
     need = k - _row_sum(below)
 
-    def cut(_):
+    def cut(_):  # smallest j with count(equal & index < j) >= need
         index = _row_index(keys)
         lo = _rows_like(keys, 0, jnp.int32)
         hi = _rows_like(keys, size, jnp.int32)
-
-        def body(_, carry):  # smallest j with count(equal & index < j) >= need
-            lo, hi = carry
-            mid = lo + (hi - lo) // 2
-            enough = _row_sum(equal & (index < _row_view(mid, keys.ndim))) >= need
-            return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-        lo, _ = jax.lax.fori_loop(0, max(1, size.bit_length()), body, (lo, hi))
-        return equal & (index < _row_view(lo, keys.ndim))
+        j = bisect(
+            lambda j: _row_sum(equal & (index < _row_view(j, keys.ndim))) >= need, lo, hi, size
+        )
+        return equal & (index < _row_view(j, keys.ndim))
 
     surplus = jnp.any(_row_sum(equal) > need)
     return below | jax.lax.cond(surplus, cut, lambda _: equal, None)
-
-
-def kth_smallest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
-    """Smallest ``t`` with ``count(keys[r] <= t) >= k[r]``, per row, by bisection.
-
-    Exact in 32 passes over the data, each pass a comparison and a count; works
-    under ``jit`` and ``vmap`` with traced ``k``. For ``k = 0`` it returns 0.
-
-    Example:
-      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
-      >>> keys = jnp.array([[5, 1, 9, 1]], jnp.uint32)
-      >>> int(nanoadam.kth_smallest_key(keys, jnp.array([3]))[0])
-      5
-
-    Args:
-      keys: uint32 array of shape ``(rows, cols)``.
-      k: int32 array of shape ``(rows,)``.
-
-    Returns:
-      uint32 thresholds of shape ``(rows,)``.
-    """
-    rows = keys.shape[0]
-    lo = jnp.zeros((rows,), jnp.uint32)
-    hi = jnp.full((rows,), _MAX_KEY)
-
-    def body(_, carry):
-        lo, hi = carry
-        mid = lo + (hi - lo) // 2
-        count = jnp.sum(keys <= mid[:, None], axis=1, dtype=jnp.int32)
-        enough = count >= k
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    return lo
-
-
-def _ties_by_index(keys: jax.Array, threshold: jax.Array, need: jax.Array) -> jax.Array:
-    """``keys < t`` plus the first ``need`` entries equal to ``t`` (row-wise)."""
-    below = keys < threshold[:, None]
-    equal = keys == threshold[:, None]
-    rank = jnp.cumsum(equal, axis=1, dtype=jnp.int32)
-    return below | (equal & (rank <= need[:, None]))
 
 
 def bottom_k_mask(keys: jax.Array, k: jax.Array, method: str = "bisection") -> jax.Array:
@@ -296,7 +303,7 @@ def bottom_k_mask(keys: jax.Array, k: jax.Array, method: str = "bisection") -> j
       method: ``"bisection"`` (default; exact, no sort, traced ``k``), ``"sort"``
         (a stable argsort; traced ``k``) or ``"top_k"`` (``jax.lax.top_k``; needs a
         concrete ``k``, equal on all rows). The three give identical masks; the
-        alternatives exist for benchmarks.
+        alternatives are cross-checks of the rule (tested equal).
 
     Returns:
       A bool array shaped like ``keys``.
@@ -327,63 +334,6 @@ def bottom_k_mask(keys: jax.Array, k: jax.Array, method: str = "bisection") -> j
         rows = jnp.arange(keys.shape[0])[:, None]
         return jnp.zeros(keys.shape, bool).at[rows, idx].set(jnp.asarray(keep))
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-
-
-def layout_mask(
-    lay: Any,
-    x: jax.Array,
-    density: jax.typing.ArrayLike,
-    criterion: str = "smallest",
-    key: jax.Array | None = None,
-) -> jax.Array:
-    """Boolean mask of ``x``'s selected entries for a :class:`~nanoadam_jax.layout.LeafLayout`
-    (exactly ``num_selected(chunk, density)`` per chunk, ties by position)."""
-    if x.size == 0:
-        return jnp.zeros(x.shape, bool)
-    keys = selection_keys(lay.view(x), criterion, key)
-    return lay.unview(chunk_mask(keys, num_selected(lay.chunk, density)), x)
-
-
-def select_mask(
-    x: jax.Array,
-    density: jax.typing.ArrayLike,
-    *,
-    scope: str = "chunk",
-    chunk_size: int | None = None,
-    layer_axes: Sequence[int] = (),
-    criterion: str = "smallest",
-    key: jax.Array | None = None,
-) -> jax.Array:
-    """Boolean mask of the selected entries of one weight tensor (the optimizer's rule).
-
-    Exactly :func:`num_selected` entries per chunk (``scope="chunk"``, chunks as in
-    :mod:`nanoadam_jax.layout`) or per layer matrix (``scope="leaf"``); ``layer_axes`` are
-    selected independently.
-
-    Example:
-      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
-      >>> w = jnp.array([[0.3, -0.01], [2.0, 0.02]])
-      >>> nanoadam.select_mask(w, 0.5).tolist()
-      [[False, True], [False, True]]
-
-    Args:
-      x: the weights.
-      density: fraction in ``(0, 1]`` (may be traced).
-      scope: ``"chunk"`` or ``"leaf"`` (use :func:`select_global_masks` for global).
-      chunk_size: target chunk length (None: the default).
-      layer_axes: axes whose every index is selected on its own.
-      criterion: one of :data:`CRITERIA`.
-      key: PRNG key for ``criterion="random"``.
-
-    Returns:
-      A bool array with the shape of ``x``.
-    """
-    from nanoadam_jax import layout  # layout builds on this module
-
-    if scope not in ("chunk", "leaf"):
-        raise ValueError(f"select_mask handles scope 'chunk' or 'leaf', got {scope!r}")
-    lay = layout.leaf_layout(x.shape, batch_axes=layer_axes, scope=scope, chunk_size=chunk_size)
-    return layout_mask(lay, x, density, criterion, key)
 
 
 def select_global_masks(
@@ -427,13 +377,10 @@ def select_global_masks(
             (jnp.sum(pred(kk, j), dtype=jnp.int32) for j, kk in enumerate(keys)), jnp.int32(0)
         )
 
-    def body(_, carry):
-        lo, hi = carry
-        mid = lo + (hi - lo) // 2
-        enough = count(lambda kk, _: kk <= mid) >= k
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+    def at_most(mid):
+        return count(lambda kk, _: kk <= mid) >= k
 
-    t, _ = jax.lax.fori_loop(0, 32, body, (jnp.uint32(0), _MAX_KEY))
+    t = bisect(at_most, jnp.uint32(0), _MAX_KEY, 0xFFFFFFFF)
     need = k - count(lambda kk, _: kk < t)
     # Surplus ties at the threshold: keep the first `need` in concatenation order, by a
     # bisection on the global position (leaf offset + row-major index), not a cumsum.
@@ -441,48 +388,17 @@ def select_global_masks(
     positions = [_row_index(kk[None])[0] + jnp.int32(off) for kk, off in zip(keys, offsets)]
 
     def cut(_):
-        def body(_, carry):
-            lo, hi = carry
-            mid = lo + (hi - lo) // 2
-            enough = count(lambda kk, j: (kk == t) & (positions[j] < mid)) >= need
-            return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+        def ties_before(mid):
+            return count(lambda kk, j: (kk == t) & (positions[j] < mid)) >= need
 
-        lo, _ = jax.lax.fori_loop(
-            0, max(1, total.bit_length()), body, (jnp.int32(0), jnp.int32(total))
-        )
-        return lo
+        return bisect(ties_before, jnp.int32(0), jnp.int32(total), total)
 
     surplus = count(lambda kk, _: kk == t) > need
     cut_at = jax.lax.cond(surplus, cut, lambda _: jnp.int32(total), None)
     return [(kk < t) | ((kk == t) & (pos < cut_at)) for kk, pos in zip(keys, positions)]
 
 
-def _order_keys(keys: jax.Array) -> jax.Array:
-    """int32 keys whose *largest* values are the smallest ``uint32`` keys (for top_k)."""
-    signed = jax.lax.bitcast_convert_type(keys ^ jnp.uint32(0x80000000), jnp.int32)
-    return ~signed
-
-
-def _row_scatter(base: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
-    """``base[..., slots] = values`` row by row (leading axes are batch axes); slots past
-    the end of ``base``'s rows are dropped."""
-    nb = base.ndim - 1
-    dnums = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(),
-        inserted_window_dims=(nb,),
-        scatter_dims_to_operand_dims=(nb,),
-        operand_batching_dims=tuple(range(nb)),
-        scatter_indices_batching_dims=tuple(range(nb)),
-    )
-    return jax.lax.scatter(
-        base,
-        slots[..., None],
-        values,
-        dnums,
-        indices_are_sorted=True,
-        unique_indices=True,
-        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
-    )
+# -- rows on the last axis: (*grid, C), one row per chunk ---------------------------------------
 
 
 def _row_cumsum(mask: jax.Array) -> jax.Array:
@@ -503,10 +419,10 @@ def _row_cumsum(mask: jax.Array) -> jax.Array:
 def chunk_mask(keys: jax.Array, k: jax.typing.ArrayLike) -> jax.Array:
     """Mask of the ``k`` smallest keys in every row (chunk), ties by position.
 
-    A 32-pass bisection on the key bits finds each row's ``k``-th smallest key (exact);
-    surplus ties at it are ranked by position with a running count (only when some row
-    has them). Every operation is element-wise or along the last axis, so leading axes
-    sharded over devices need no communication.
+    A 32-pass bisection (:func:`bisect`) on the key bits finds each row's ``k``-th
+    smallest key (exact); surplus ties at it are ranked by position with a running count
+    (only when some row has them). Every operation is element-wise or along the last
+    axis, so leading axes sharded over devices need no communication.
 
     Example:
       >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
@@ -527,14 +443,10 @@ def chunk_mask(keys: jax.Array, k: jax.typing.ArrayLike) -> jax.Array:
     lo = jnp.zeros_like(keys[..., 0])
     hi = jnp.full_like(keys[..., 0], _MAX_KEY)
 
-    def body(_, carry):
-        lo, hi = carry
-        mid = lo + (hi - lo) // 2
-        enough = jnp.sum(keys <= mid[..., None], axis=-1, dtype=jnp.int32) >= k
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+    def enough(mid):
+        return jnp.sum(keys <= mid[..., None], axis=-1, dtype=jnp.int32) >= k
 
-    t, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    t = t[..., None]
+    t = bisect(enough, lo, hi, 0xFFFFFFFF)[..., None]
     at_most = keys <= t
     surplus = jnp.any(jnp.sum(at_most, axis=-1, dtype=jnp.int32) > k)
 
@@ -554,13 +466,13 @@ def chunk_positions(keys: jax.Array, k: jax.typing.ArrayLike, capacity: int) -> 
     with the slots past ``k`` set to ``C`` (padding, used only when a traced ``k`` is
     smaller than ``capacity``).
 
-    How: a 32-pass bisection on the key bits finds each row's ``k``-th smallest key
-    (exact), surplus ties at it are ranked by position with a running count (only when
-    some row has them), and the selected positions are scattered into their slots.
-    Every operation is element-wise or along a row, so a grid sharded over devices needs
-    no communication. Measured against ``jax.lax.top_k`` per row on a 2-core CPU
-    (``python benchmarks/run.py --sections chunk``): several times faster, and XLA's
-    partitioner all-gathers a sharded ``top_k`` operand.
+    How: :func:`chunk_mask` (a 32-pass bisection on the key bits, surplus ties ranked by
+    position), then the selected positions are scattered into their slots. Every
+    operation is element-wise or along a row, so a grid sharded over devices needs no
+    communication. Measured against ``jax.lax.top_k`` per row on a 2-core CPU
+    (``python benchmarks/run.py --sections chunk``; the ``top_k`` variant lives in
+    ``benchmarks/_selection_variants.py``): several times faster, and XLA's partitioner
+    all-gathers a sharded ``top_k`` operand.
 
     Example:
       >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
@@ -583,38 +495,8 @@ def chunk_positions(keys: jax.Array, k: jax.typing.ArrayLike, capacity: int) -> 
     take = chunk_mask(keys, k)
     slots = jnp.where(take, _row_cumsum(take) - 1, capacity)
     cols = jax.lax.broadcasted_iota(
-        jnp.int32, keys.shape, keys.ndim - 1, out_sharding=_out_sharding(keys)
+        jnp.int32, keys.shape, keys.ndim - 1, out_sharding=explicit_sharding(keys)
     )
     base = jnp.full_like(keys[..., :1], c, dtype=jnp.int32)
     base = jnp.broadcast_to(base, (*lead, capacity))
-    return _row_scatter(base, slots, cols)
-
-
-def chunk_positions_top_k(keys: jax.Array, k: jax.typing.ArrayLike, capacity: int) -> jax.Array:
-    """:func:`chunk_positions` with ``jax.lax.top_k`` per row (for benchmarks).
-
-    Exact: ``jax.lax.top_k`` returns the lower position first among equal keys.
-
-    Example:
-      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
-      >>> keys = jnp.array([[3, 1, 1, 1, 0], [9, 8, 7, 6, 5]], jnp.uint32)
-      >>> nanoadam.selection.chunk_positions_top_k(keys, 3, 3).tolist()
-      [[1, 2, 4], [2, 3, 4]]
-
-    Args:
-      keys: ``uint32`` keys (see :func:`selection_keys`), shape ``(*grid, C)``.
-      k: entries to select per row (int, may be traced; at most ``capacity``).
-      capacity: slots per row (static).
-
-    Returns:
-      int32 positions of shape ``(*grid, capacity)``.
-    """
-    c = keys.shape[-1]
-    if capacity == 0:
-        return jnp.zeros((*keys.shape[:-1], 0), jnp.int32)
-    _, pos = jax.lax.top_k(_order_keys(keys), capacity)
-    pos = pos.astype(jnp.int32)
-    if not (isinstance(k, int) and k >= capacity):
-        slot = jax.lax.broadcasted_iota(jnp.int32, pos.shape, pos.ndim - 1)
-        pos = jnp.where(slot < jnp.asarray(k, jnp.int32), pos, jnp.int32(c))
-    return jnp.sort(pos, axis=-1)
+    return set_rows(base, slots, cols)

@@ -464,7 +464,7 @@ def _mask_update(config: _Config, updates: Any, state: tuple[Any, ...], params: 
         out = []
         for j, (i, x) in enumerate(zip(sparse, xs)):
             leaf_key = None if key is None else jax.random.fold_in(key, j)
-            out.append(selection.layout_mask(lays[i], x, density, config.criterion, leaf_key))
+            out.append(layout.selection_mask(lays[i], x, density, config.criterion, leaf_key))
         return out
 
     old = treedef.flatten_up_to(masks)

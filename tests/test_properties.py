@@ -15,6 +15,8 @@ with the smallest float32 ``|w|``, NaN after everything else, ties broken by pos
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -36,6 +38,12 @@ from reference_selection import (
 
 import nanoadam_jax as na
 from nanoadam_jax import layout, refresh, selection
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._selection_variants import chunk_positions_top_k  # noqa: E402
 
 PROFILE = os.environ.get("NANOADAM_HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "long"):
@@ -190,7 +198,7 @@ def test_global_selection_matches_the_concatenated_reference(leaves, density, cr
 
 
 _chunk_positions = jax.jit(selection.chunk_positions, static_argnums=2)
-_chunk_positions_top_k = jax.jit(selection.chunk_positions_top_k, static_argnums=2)
+_chunk_positions_top_k = jax.jit(chunk_positions_top_k, static_argnums=2)
 
 
 @budget(ci=40, long=1000)

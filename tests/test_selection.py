@@ -1,5 +1,8 @@
 """Tests of the selection rule: exact k, ties by index, per-chunk positions, criteria, methods."""
 
+import sys
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,13 @@ import pytest
 from reference_selection import ref_chunk_positions, ref_mask, ref_order
 
 import nanoadam_jax as nanoadam
-from nanoadam_jax import selection
+from nanoadam_jax import layout, selection
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._selection_variants import chunk_positions_top_k  # noqa: E402
 
 
 def reference_mask(x, k, criterion="smallest"):
@@ -69,7 +78,7 @@ def test_selection_keys_order_magnitudes_and_put_nan_last():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_exact_k_matches_stable_sort_reference(dtype):
     x = jax.random.normal(jax.random.PRNGKey(0), (37, 29)).astype(dtype)
-    select = jax.jit(selection.select_mask, static_argnames="scope")  # one compile per dtype
+    select = jax.jit(layout.select_mask, static_argnames="scope")  # one compile per dtype
     for d in (0.01, 0.1, 0.33, 1.0):
         m = select(x, d, scope="leaf")
         k = int(nanoadam.num_selected(x.size, d))
@@ -259,12 +268,12 @@ def test_chunk_positions_traced_k_under_vmap_matches_loop():
 @pytest.mark.parametrize("values", [3, 2**32 - 1])
 def test_chunk_positions_top_k_is_the_same_selection(values):
     keys = tied_keys((4, 2, 128), values, seed=3)
-    top_k = jax.jit(selection.chunk_positions_top_k, static_argnums=(1, 2))
+    top_k = jax.jit(chunk_positions_top_k, static_argnums=(1, 2))
     for k, cap in [(1, 1), (13, 13), (13, 20), (128, 128)]:
         a = chunk_positions(keys, k, cap)
         b = top_k(keys, k, cap)
         chex.assert_trees_all_equal(a, b)
-    traced = jax.jit(lambda k: selection.chunk_positions_top_k(keys, k, 20))(jnp.int32(5))
+    traced = jax.jit(lambda k: chunk_positions_top_k(keys, k, 20))(jnp.int32(5))
     np.testing.assert_array_equal(traced, ref_chunk_positions(np.asarray(keys), 5, 20))
 
 
