@@ -23,6 +23,7 @@ from nanoadam_jax.labels import (
 )
 from nanoadam_jax.layout import SelectionDimensionNumbers, select_mask
 from nanoadam_jax.plan import LeafPlan, Plan, plan
+from nanoadam_jax.relayout import relayout
 from nanoadam_jax.schedules import constant_density, linear_density_decay
 from nanoadam_jax.selection import (
     bottom_k_mask,
@@ -71,6 +72,7 @@ __all__ = [
     "path_names",
     "plan",
     "refresh",
+    "relayout",
     "schedules",
     "select_global_masks",
     "select_mask",

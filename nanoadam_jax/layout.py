@@ -13,9 +13,17 @@ alone, how it is cut:
   with :class:`SelectionDimensionNumbers` (optax's ``MuonDimensionNumbers`` convention:
   the axes *not* named are batch axes).
 * **Chunks.** A layer's matrix, flattened row-major, is cut into equal chunks of ``C``
-  consecutive entries, ``C <= chunk_size``: the trailing axes that fit whole, times the
-  largest divisor of the next axis that still fits (:func:`chunk_length`). A chunk never
+  consecutive entries, ``C <= chunk_size``: the trailing axes that fit whole, times a
+  divisor of the next axis that still fits (:func:`chunk_length`). A chunk never
   crosses a layer, and each chunk's positions fit in ``uint16``.
+* **The same on every mesh.** When the first axis of the matrix is the one divided,
+  the divisor is one that keeps every chunk inside one shard for *every* even split of
+  that axis over up to :data:`MESH_DEVICES` (16) devices (FSDP), when such a divisor
+  gives chunks of at least ``chunk_size / 16`` entries. So the state's shape, the
+  selection and the updates are the same on one device and on any such mesh, and a
+  checkpoint moves between them as is (:func:`fsdp_invariant` tells, per matrix;
+  :func:`~nanoadam_jax.plan` shows it). A 384x384 kernel is cut into chunks of 8 rows
+  (3,072 entries), a 768x3072 one into chunks of 4 rows (12,288 entries).
 * **State rows.** A leaf's compact state is one row of ``capacity`` slots per chunk,
   shaped ``(*layer_axes, *chunk_grid, capacity)``; the chunk grid keeps the leaf's leading
   axes, so a parameter sharded along those axes has its state sharded the same way (see
@@ -51,6 +59,7 @@ __all__ = [
     "LeafLayout",
     "SelectionDimensionNumbers",
     "chunk_length",
+    "fsdp_invariant",
     "leaf_layout",
 ]
 
@@ -61,6 +70,9 @@ LAYER_AXIS_NAMES = ("layers",)
 #: A chunk shorter than ``target // _MIN_FRACTION`` (an awkward axis length) is not used;
 #: the whole axis (and the axes after it) becomes the chunk instead.
 _MIN_FRACTION = 16
+#: The chunking is chosen to be the same on one device and on a mesh that splits the
+#: chunked axis evenly over up to this many devices (see :func:`_split_point`).
+MESH_DEVICES = 16
 _UINT16_MAX = 0xFFFF
 _INT32_MAX = 2**31 - 1
 
@@ -254,9 +266,20 @@ def _divisors_up_to(s: int, limit: int) -> int:
     return best
 
 
+def shard_counts(s: int) -> list[int]:
+    """The device counts ``D <= MESH_DEVICES`` that split an axis of length ``s`` evenly."""
+    return [d for d in range(1, MESH_DEVICES + 1) if s % d == 0]
+
+
 def _split_point(shape: Sequence[int], target: int) -> tuple[int, int]:
     """``(j, C)``: chunks of ``C`` entries are a divisor ``C / P`` of axis ``j`` times the
-    product ``P`` of the axes after ``j`` (``j = -1``: the whole shape is one chunk)."""
+    product ``P`` of the axes after ``j`` (``j = -1``: the whole shape is one chunk).
+
+    When ``j`` is the first axis, the divisor is taken, when one is long enough, among
+    those of ``s / L`` with ``L`` the least common multiple of :func:`shard_counts` of
+    ``s``: then a chunk never crosses a shard when the first axis is split over any of
+    those device counts (FSDP), so the chunking is the same on one device and on every
+    such mesh."""
     n = math.prod(shape)
     if n <= target:
         return -1, n
@@ -266,11 +289,35 @@ def _split_point(shape: Sequence[int], target: int) -> tuple[int, int]:
         if p * s <= target:
             p *= s
             continue
-        c = _divisors_up_to(s, target // p) * p
-        if c < max(1, target // _MIN_FRACTION):
+        shortest = max(1, target // _MIN_FRACTION)
+        # FSDP splits the first axis: only there does the divisor choose between meshes.
+        robust = s // math.lcm(*shard_counts(s)) if j == 0 else s
+        c = _divisors_up_to(robust, target // p) * p
+        if c < shortest:
+            c = _divisors_up_to(s, target // p) * p  # no mesh-robust chunk long enough
+        if c < shortest:
             c = s * p  # an awkward length: take the whole axis
         return j, c
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def fsdp_invariant(shape: Sequence[int], chunk: int) -> bool:
+    """True when chunks of ``chunk`` entries of a matrix of ``shape`` lie within shards
+    for every even split of its first axis over ``D <= MESH_DEVICES`` devices (FSDP): the
+    layout is then the same on one device and on every such mesh.
+
+    Example:
+      >>> import nanoadam_jax as nanoadam
+      >>> nanoadam.layout.fsdp_invariant((384, 384), nanoadam.layout.chunk_length((384, 384)))
+      True
+    """
+    shape = tuple(int(s) for s in shape)
+    if not shape or math.prod(shape) == 0:
+        return True
+    rows_per_chunk = chunk / math.prod(shape[1:])  # < 1: chunks inside one row
+    if rows_per_chunk <= 1:
+        return True
+    return all((shape[0] // d) % int(rows_per_chunk) == 0 for d in shard_counts(shape[0]))
 
 
 def chunk_length(shape: Sequence[int], target: int = DEFAULT_CHUNK_SIZE) -> int:
@@ -278,14 +325,20 @@ def chunk_length(shape: Sequence[int], target: int = DEFAULT_CHUNK_SIZE) -> int:
 
     The whole matrix if it has at most ``target`` entries; otherwise the trailing axes
     that fit whole times the largest divisor of the next axis that keeps the chunk
-    ``<= target``. If that is below ``target / 16`` (an axis length with no useful
-    divisor, e.g. a prime), the whole axis and the axes after it form the chunk. So every
-    chunk of a matrix has the same length and consists of whole trailing sub-rows.
+    ``<= target``; when that axis is the first one, the largest such divisor of
+    ``s / L`` (``L``: the least common multiple of the device counts up to 16 that divide
+    the axis length ``s``), so that the chunking is the same on every FSDP mesh, unless
+    that gives chunks below ``target / 16``. If the chunk is still below ``target / 16``
+    (an axis length with no useful divisor, e.g. a prime), the whole axis and the axes
+    after it form the chunk. So every chunk of a matrix has the same length and consists
+    of whole trailing sub-rows.
 
     Example:
       >>> import nanoadam_jax as nanoadam
       >>> nanoadam.layout.chunk_length((4096, 1024)), nanoadam.layout.chunk_length((300, 20))
       (16384, 6000)
+      >>> nanoadam.layout.chunk_length((384, 384))  # 8 rows: 384 / 8 is a multiple of 48
+      3072
 
     Args:
       shape: the shape of one weight matrix (no layer axes).
@@ -327,6 +380,33 @@ def _aligned_spec(
     return tuple(spec[: j + 1])
 
 
+def _shard_split(
+    matrix: tuple[int, ...], target: int, mspec: tuple[Any, ...], mesh: Any, where: str
+) -> tuple[int, int]:
+    """``(j, C)`` for a matrix whose sharding the one-device chunking does not fit (a later
+    axis split, e.g. tensor-parallel, or a matrix small enough to be one chunk): the
+    longest chunking of the one-device rule, for a smaller target, whose chunks lie inside
+    the shards. So ``chunk_size=`` that target on one device reproduces it."""
+    a = max(i for i, e in enumerate(mspec) if e is not None)
+    devices = _mesh_axis_size(mesh, mspec[a])
+    if matrix[a] % devices:
+        raise ValueError(
+            f"{where}: no chunking keeps each chunk on one shard (axis length "
+            f"{matrix[a]} over {devices} devices). Shard it along axes whose length divides "
+            "evenly, mark its layer axes (SelectionDimensionNumbers), or label it 'dense'."
+        )
+    p = math.prod(matrix[a + 1 :])
+    shard = matrix[a] // devices
+    small = [d for d in range(1, math.isqrt(shard) + 1) if shard % d == 0]
+    for r in sorted({*small, *(shard // d for d in small)}, reverse=True):
+        if r * p > target:
+            continue
+        j, c = _split_point(matrix, r * p)
+        if _aligned_spec(matrix, j, c, mspec, mesh) is not None:
+            return j, c
+    raise AssertionError("unreachable: one entry per chunk always fits")  # pragma: no cover
+
+
 def leaf_layout(
     shape: Sequence[int],
     *,
@@ -340,19 +420,22 @@ def leaf_layout(
     """The layout of one sparse leaf (see the module docstring).
 
     With a known ``NamedSharding`` (a concrete array's, a ``ShapeDtypeStruct``'s), the
-    chunk length is halved until each chunk lies inside one shard, so the state rows can
-    be sharded exactly like the parameter rows they index; the state then carries that
-    ``spec``. (The selected set therefore follows the chunking; pass the same
-    ``chunk_size`` on one device to reproduce a mesh run exactly: :func:`plan`-style
-    tables show the chunk used.) A sharding that no chunking fits raises an error naming
-    the leaf. ``scope="leaf"`` (one chunk per layer) never adapts: its state is
-    replicated over the sharded axes (documented cost).
+    state rows are sharded exactly like the parameter rows they index; the state then
+    carries that ``spec``. The one-device chunking already keeps chunks inside shards for
+    even FSDP splits of the first matrix axis over up to 16 devices (see
+    :func:`chunk_length`); for other shardings (tensor-parallel: a later axis split) the
+    chunk length is halved until each chunk lies inside one shard, so the layout, and the
+    selection with it, differs from one device's (:func:`~nanoadam_jax.plan` marks such
+    leaves; :func:`~nanoadam_jax.relayout` moves a state between meshes). A sharding
+    that no chunking fits raises an error naming the leaf. ``scope="leaf"`` (one chunk
+    per layer) never adapts: its state is replicated over the sharded axes (documented
+    cost).
 
     Example:
       >>> import nanoadam_jax as nanoadam
       >>> lay = nanoadam.layout.leaf_layout((4, 64, 512), batch_axes=(0,), max_density=0.1)
       >>> lay.grid, lay.chunk, lay.capacity
-      ((4, 2), 16384, 1638)
+      ((4, 16), 2048, 205)
 
     Args:
       shape: the leaf's shape.
@@ -381,22 +464,21 @@ def leaf_layout(
         full = tuple(raw_spec) + (None,) * (len(shape) - len(raw_spec))
         mspec = tuple(full[a] for a in matrix_axes)
         bspec = tuple(full[a] for a in batch_axes)
-        while True:
-            j, c = _split_point(matrix, target)
+        j, c = _split_point(matrix, target)
+        grid_spec = _aligned_spec(matrix, j, c, mspec, mesh)
+        if grid_spec is None and scope != "leaf":
+            j, c = _shard_split(
+                matrix,
+                target,
+                mspec,
+                mesh,
+                f"leaf {path or '<root>'} of shape {shape} is sharded as {tuple(raw_spec)}",
+            )
             grid_spec = _aligned_spec(matrix, j, c, mspec, mesh)
-            if grid_spec is not None or scope == "leaf":
-                break
-            if target == 1:
-                raise ValueError(
-                    f"leaf {path or '<root>'} of shape {shape} is sharded as "
-                    f"{tuple(raw_spec)}: no chunking keeps each chunk on one shard. Shard "
-                    "it along axes whose per-shard length divides evenly, mark its layer "
-                    "axes (SelectionDimensionNumbers), or label it 'dense'."
-                )
-            target //= 2
         if grid_spec is not None:
             spec = (*bspec, *grid_spec)
-    j, c = _split_point(matrix, target)
+    else:
+        j, c = _split_point(matrix, target)
     grid = (*batch, *_grid(matrix, j, c))
     capacity = selection.num_selected_static(c, max_density) if math.prod(shape) else 0
     if c > _INT32_MAX:

@@ -38,6 +38,10 @@ from nanoadam_jax.layout import LeafLayout, SelectionDimensionNumbers
 __all__ = [
     "REFRESH_POLICIES",
     "SCOPES",
+    "AGE_ARG",
+    "box_tree",
+    "AGE_MAX",
+    "LEAVES_ARG",
     "STEP_ARG",
     "MagnitudeMaskState",
     "MaskedApplyState",
@@ -56,6 +60,21 @@ SCOPES = ("chunk", "leaf", "global")
 #: (``sparse_step``, never reset by a refresh) to ``inner.update``; transformations that
 #: do not know it ignore it (optax's convention for extra arguments).
 STEP_ARG = "nanoadam_step"
+#: Name of the extra argument with which :func:`sparse_update` (``entry_age=True``) passes
+#: each selected entry's age to ``inner.update`` for the sparse leaves: a tree shaped like
+#: the inner state's per-parameter arrays, ``uint16``, the number of updates the entry has
+#: had since it entered the selection (0 at its first update; saturates at
+#: :data:`AGE_MAX`). Not passed for dense leaves, which are always selected (their age is
+#: the step count).
+AGE_ARG = "nanoadam_age"
+#: Largest stored age (``uint16``): past it, ``1 - b2**age`` is 1 in float32 for any
+#: ``b2 <= 0.9998`` (and within 2e-3 of 1 for ``b2 = 0.9999``).
+AGE_MAX = 0xFFFF
+#: Name of the extra argument that tells ``inner.update`` which parameter leaves (their
+#: positions in ``jax.tree.leaves(params)``) its tree holds, in order: a tuple of ints.
+#: Lets an inner transformation apply a per-leaf choice made on the full parameters (e.g.
+#: ``nanoadamw``'s weight-decay ``mask``).
+LEAVES_ARG = "nanoadam_leaves"
 
 Density = float | jax.Array | Callable[[jax.Array], jax.Array]
 DimensionNumbers = layout.DimensionNumbers
@@ -72,6 +91,9 @@ class SparseUpdateState(NamedTuple):
         ``(*layer_axes, *chunk_grid, capacity)`` (``uint16`` when a chunk has fewer than
         65536 entries, else ``int32``); slots past the current ``k`` hold the chunk
         length. With ``scope="global"``: a bool mask with the leaf's shape.
+      sparse_age: with ``entry_age=True``, per sparse leaf the ``uint16`` age of each
+        selected entry (updates since it entered the selection, saturating at
+        :data:`AGE_MAX`), shaped like ``selected``; None otherwise.
       sparse_inner_state: the inner transformation's state for the sparse leaves, over
         the selected values (arrays shaped like ``selected``) or, for
         ``scope="global"``, over the full leaves.
@@ -81,6 +103,7 @@ class SparseUpdateState(NamedTuple):
     sparse_step: jax.Array
     sparse_density: jax.Array
     selected: Any
+    sparse_age: Any
     sparse_inner_state: optax.OptState
     dense_inner_state: optax.OptState
 
@@ -150,6 +173,14 @@ def _boxes(params: Any) -> tuple[Any, list[Any]]:
     if len(leaves) != jax.tree.structure(params).num_leaves:
         return jax.tree.structure(params), jax.tree.leaves(params)
     return boxed, leaves
+
+
+def box_tree(params: Any) -> tuple[Any, list[Any]]:
+    """``params``' structure and leaves with Flax metadata boxes (``nnx.Variable``,
+    ``nn.Partitioned``) kept whole: the structure the compact state's trees are built on
+    (``SparseUpdateState.selected``, the sparse inner state), so
+    ``treedef.flatten_up_to(state.selected)`` lines up with the leaves."""
+    return _boxes(params)
 
 
 def _zero_update(u: Any) -> Any:
@@ -704,6 +735,7 @@ def sparse_update(
     refresh_policy: str = "keep",
     max_density: float | None = None,
     moment_dtype: Any | None = None,
+    entry_age: bool = False,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Run ``inner`` on the selected entries of each sparse leaf only.
@@ -785,6 +817,15 @@ def sparse_update(
       moment_dtype: if set (e.g. ``jnp.bfloat16``, the paper's memory model), the inner
         state's floating-point arrays are stored in this dtype between steps; the inner
         transformation still computes in (at least) float32.
+      entry_age: store each selected entry's age (updates since it entered the
+        selection; ``uint16``, 2 bytes per selected entry) and pass it to
+        ``inner.update`` as the extra argument :data:`AGE_ARG`, for an inner
+        transformation that corrects its statistics per entry (``nanoadam``'s Adam uses
+        it for per-entry bias correction). A refresh keeps the age of entries that stay
+        and starts entering entries at 0 (``"reset"``: every entry at 0). Inner
+        transformations that do not read it are unaffected (optax ignores unknown extra
+        arguments), so for e.g. ``optax.scale_by_amsgrad`` entering entries start from
+        ``inner.init``'s state under the running count.
       seed: seed of ``criterion="random"``.
 
     Returns:
@@ -805,7 +846,11 @@ def sparse_update(
     _checks.check_choice("refresh_policy", refresh_policy, REFRESH_POLICIES)
     if not isinstance(inner, optax.GradientTransformation):
         raise ValueError(f"`inner` must be an optax.GradientTransformation, got {inner!r}")
-    impl = _SparseUpdate(config, optax.with_extra_args_support(inner), refresh_policy, moment_dtype)
+    if not isinstance(entry_age, bool):
+        raise ValueError(f"`entry_age` must be True or False, got {entry_age!r}")
+    impl = _SparseUpdate(
+        config, optax.with_extra_args_support(inner), refresh_policy, moment_dtype, entry_age
+    )
     return optax.GradientTransformationExtraArgs(impl.init, impl.update)
 
 
@@ -860,10 +905,12 @@ class _SparseUpdate:
         inner: optax.GradientTransformationExtraArgs,
         refresh_policy: str,
         moment_dtype: Any,
+        entry_age: bool,
     ):
         self.config = config
         self.inner = inner
         self.policy = refresh_policy
+        self.entry_age = entry_age
         self.moments = _Moments(moment_dtype)
         self.compact = config.scope != "global"
 
@@ -879,14 +926,17 @@ class _SparseUpdate:
             vecs = [
                 (i, _state_array(t.lays[i], 0, t.leaves[i].dtype, t.leaves[i])) for i in t.sparse
             ]
+            ages = [(i, _state_array(t.lays[i], 0, jnp.uint16, t.leaves[i])) for i in t.sparse]
         else:
             self.config.init_max_density()  # validates the density
             sel = [(i, jnp.zeros_like(t.leaves[i], dtype=bool)) for i in t.sparse]
             vecs = [(i, jnp.zeros_like(t.leaves[i])) for i in t.sparse]
+            ages = [(i, jnp.zeros_like(t.leaves[i], dtype=jnp.uint16)) for i in t.sparse]
         return SparseUpdateState(
             sparse_step=jnp.zeros([], jnp.int32),
             sparse_density=jnp.zeros([], jnp.float32),
             selected=t.state_tree(sel),
+            sparse_age=t.state_tree(ages) if self.entry_age else None,
             sparse_inner_state=self.moments.store(self.inner.init(t.state_tree(vecs))),
             dense_inner_state=self.moments.store(self.inner.init(t.dense_tree(t.boxes))),
         )
@@ -960,8 +1010,14 @@ class _SparseUpdate:
         return out
 
     def _carry(
-        self, t: _Leaves, old: list, new: list, groups: list[list[int]], inner_state: Any
-    ) -> Any:
+        self,
+        t: _Leaves,
+        old: list,
+        new: list,
+        groups: list[list[int]],
+        inner_state: Any,
+        age: Any,
+    ) -> tuple[Any, Any]:
         """``refresh_policy="keep"``: move the inner state to the new selection.
 
         Entries that stay selected keep their values; entering entries take the values
@@ -975,14 +1031,24 @@ class _SparseUpdate:
         fresh = [
             v for v, _ in _param_arrays(self.inner, self._fresh(t, old, inner_state), index_tree)
         ]
+        n_inner = len(seen)
+        if age is not None:  # the ages move like the moments; entering entries start at 0
+            ages = t.sdef.flatten_up_to(age)
+            seen += [(ages[i], i) for i in t.sparse]
+            fresh += [jnp.zeros_like(ages[i]) for i in t.sparse]
         if self.compact:
             moved = self._carry_compact(t, old, new, groups, seen, fresh)
         else:
             both = {i: o & nw for i, o, nw in zip(t.sparse, old, new)}
             moved = [jnp.where(both[i], v, f) for (v, i), f in zip(seen, fresh, strict=True)]
         # Pass 2: put the moved arrays back in the same order.
-        results = iter(moved)
-        return _map_inner_state(self.inner, lambda v, i: next(results), inner_state, index_tree)
+        results = iter(moved[:n_inner])
+        inner_state = _map_inner_state(
+            self.inner, lambda v, i: next(results), inner_state, index_tree
+        )
+        if age is not None:
+            age = t.state_tree(list(zip(t.sparse, moved[n_inner:])))
+        return inner_state, age
 
     def _carry_compact(self, t, old, new, groups, seen, fresh) -> list:
         """The moved arrays of :meth:`_carry` for the compact layout, group by group."""
@@ -1033,15 +1099,17 @@ class _SparseUpdate:
         fresh = self.moments.store(self.inner.init(t.state_tree(zeros)))
         return jax.tree.map(lambda f, o: f.astype(o.dtype), fresh, inner_state)
 
-    def _refresh(self, t: _Leaves, op: Any) -> tuple[Any, Any]:
-        (xs, density, step, seed), (selected, inner_state) = op
+    def _refresh(self, t: _Leaves, op: Any) -> tuple[Any, Any, Any]:
+        (xs, density, step, seed), (selected, age, inner_state) = op
         old = [t.sdef.flatten_up_to(selected)[i] for i in t.sparse]
         groups = self._groups(t, xs) if self.compact else []
         new = self._select(t, xs, groups, density, self.config.key(step, seed))
         new_selected = t.state_tree(list(zip(t.sparse, new)))
         if self.policy == "reset":
-            return new_selected, self._fresh(t, old, inner_state)
-        return new_selected, self._carry(t, old, new, groups, inner_state)
+            zero_age = None if age is None else jax.tree.map(jnp.zeros_like, age)
+            return new_selected, zero_age, self._fresh(t, old, inner_state)
+        inner_state, age = self._carry(t, old, new, groups, inner_state, age)
+        return new_selected, age, inner_state
 
     # -- update -----------------------------------------------------------------------
 
@@ -1118,30 +1186,38 @@ class _SparseUpdate:
         density = self.config.density_fn(step)
         due = refresh.refresh_due(step, self.config.mask_interval, density, state.sparse_density)
         kw = {**extra_args, STEP_ARG: step}
-        selected, sparse_state = state.selected, state.sparse_inner_state
+        selected, age = state.selected, state.sparse_age
+        sparse_state = state.sparse_inner_state
         out: list[Any] = [_zero_update(u) for u in flat_updates]
         if t.sparse:
             xs = [t.view(i, t.leaves[i]) for i in t.sparse]
-            selected, sparse_state = refresh.cond(
+            selected, age, sparse_state = refresh.cond(
                 due,
                 lambda op: self._refresh(t, op),
                 lambda op: op[1],
-                ((xs, density, step, self.config.seed), (selected, sparse_state)),
+                ((xs, density, step, self.config.seed), (selected, age, sparse_state)),
             )
+            sparse_kw = {**kw, LEAVES_ARG: tuple(t.sparse)}
+            if age is not None:
+                sparse_kw[AGE_ARG] = age
             sparse_out, sparse_state = self._sparse_step(
-                t, flat_updates, selected, sparse_state, kw
+                t, flat_updates, selected, sparse_state, sparse_kw
             )
             for i, u in sparse_out.items():
                 out[i] = u
+            if age is not None:  # one more update for every selected entry (saturating)
+                age = jax.tree.map(lambda a: a + (a < AGE_MAX).astype(a.dtype), age)
         dense_state = state.dense_inner_state
         if t.dense:
-            dense_out, dense_state = self._dense_step(t, updates, dense_state, kw)
+            dense_kw = {**kw, LEAVES_ARG: tuple(t.dense)}
+            dense_out, dense_state = self._dense_step(t, updates, dense_state, dense_kw)
             for i, u in dense_out.items():
                 out[i] = u.astype(flat_updates[i].dtype)
         new_state = SparseUpdateState(
             sparse_step=optax.safe_int32_increment(step),
             sparse_density=density,
             selected=selected,
+            sparse_age=age,
             sparse_inner_state=sparse_state,
             dense_inner_state=dense_state,
         )

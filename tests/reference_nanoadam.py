@@ -180,7 +180,7 @@ class Adam:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
-    bias_correction: bool = True
+    bias_correction: bool | str = True  # True: per entry (see entry_age); "global"
 
     def init(self, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
         return {"mu": np.zeros(shape), "nu": np.zeros(shape)}
@@ -237,6 +237,11 @@ class NanoAdamReference:
       axes: ``{keystr(path): axes}`` for leaves with declared selection axes.
       capacity: the largest density the buffers hold (larger densities are capped);
         None: no cap.
+      entry_age: the inner rule's count for a sparse entry is its own age plus one (the
+        updates it has had since it entered the selection, saturating at 65535), not the
+        running count (``nanoadam``'s default per-entry bias correction). None: True for
+        :class:`Adam` with ``bias_correction=True``, else False (``"global"``: the
+        running count).
     """
 
     def __init__(
@@ -250,6 +255,7 @@ class NanoAdamReference:
         refresh_policy: str = "keep",
         axes: dict[str, tuple[int, ...]] | None = None,
         capacity: float | None = None,
+        entry_age: bool | None = None,
     ):
         assert scope in ("chunk", "leaf", "global")
         assert refresh_policy in ("keep", "reset")
@@ -261,6 +267,9 @@ class NanoAdamReference:
         self.refresh_policy = refresh_policy
         self.axes = dict(axes or {})
         self.capacity = capacity
+        if entry_age is None:  # nanoadam's default: Adam corrected per entry
+            entry_age = isinstance(inner, Adam) and inner.bias_correction is True
+        self.entry_age = entry_age
 
     # -- state ------------------------------------------------------------------------------
 
@@ -274,6 +283,9 @@ class NanoAdamReference:
         ]
         self.selected = [
             np.zeros(s, bool) if lab == SPARSE else None for s, lab in zip(shapes, self.labels)
+        ]
+        self.age = [
+            np.zeros(s, np.int64) if lab == SPARSE else None for s, lab in zip(shapes, self.labels)
         ]
         self.t = 0
         self.current_density = np.float32(0.0)
@@ -315,9 +327,11 @@ class NanoAdamReference:
                     continue
                 if self.refresh_policy == "reset":
                     self.state[i] = self.inner.init(np.shape(w_leaves[i]))
+                    self.age[i] = np.zeros_like(self.age[i])
                 else:
                     stay = self.selected[i] & new[i]
                     self.state[i] = {k: np.where(stay, v, 0.0) for k, v in self.state[i].items()}
+                    self.age[i] = np.where(stay, self.age[i], 0)
                 self.selected[i] = new[i]
             if self.refresh_policy == "reset":
                 self.sparse_count = 0
@@ -338,7 +352,9 @@ class NanoAdamReference:
             else:
                 sel = self.selected[i]
                 sub = {k: v[sel] for k, v in self.state[i].items()}
-                u_sel, sub = self.inner.apply(g64[sel], sub, w64[sel], self.sparse_count, t)
+                count = self.age[i][sel] + 1 if self.entry_age else self.sparse_count
+                u_sel, sub = self.inner.apply(g64[sel], sub, w64[sel], count, t)
+                self.age[i][sel] = np.minimum(self.age[i][sel] + 1, 65535)
                 u = np.zeros(np.shape(w), np.float64)
                 u[sel] = u_sel
                 for k, v in sub.items():

@@ -45,20 +45,28 @@ def ref_chunk_length(shape: tuple[int, ...], target: int = DEFAULT_CHUNK_SIZE) -
 
     The whole slice if it has at most ``target`` entries. Otherwise the trailing axes that
     fit whole, times the largest divisor of the next axis that keeps the chunk at most
-    ``target``; if that chunk is shorter than ``target // 16`` the whole axis is taken
-    instead (the chunk is then longer than ``target``).
+    ``target``. When that axis is the first one, the divisor must also keep every chunk
+    inside one shard for every even split of the axis over 1..16 devices (so the chunking
+    is the same on every FSDP mesh), unless that makes the chunk shorter than
+    ``target // 16``. If the chunk is still shorter than ``target // 16`` the whole axis
+    is taken instead (the chunk is then longer than ``target``).
     """
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
     if n <= target:
         return n
     inner = 1
-    for size in reversed(shape):
+    for axis in range(len(shape) - 1, -1, -1):
+        size = shape[axis]
         if inner * size <= target:
             inner *= size
             continue
-        best = max(f for f in range(1, size + 1) if size % f == 0 and f * inner <= target)
-        length = best * inner
+        fits = [f for f in range(1, size + 1) if size % f == 0 and f * inner <= target]
+        splits = [d for d in range(1, 17) if size % d == 0]
+        robust = [f for f in fits if all((size // d) % f == 0 for d in splits)]
+        if axis == 0 and max(robust) * inner >= target // 16:
+            return max(robust) * inner
+        length = max(fits) * inner
         return size * inner if length < target // 16 else length
     raise AssertionError("unreachable")
 

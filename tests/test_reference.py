@@ -133,15 +133,18 @@ def small_params(seed: int = 0) -> dict[str, Any]:
 
 def test_chunk_rule_on_the_test_leaves():
     """The reference chunk rule gives the chunks these tests rely on (target 64): whole
-    trailing axes while they fit (40 of (32, 40)); a divisor of the next axis (48 =
-    16 x 3 of (128, 3), 50 of (100,)); the whole axis when the divisor is below
-    64 // 16 (97 is prime); a leaf within the target is one chunk."""
+    trailing axes while they fit (40 of (32, 40)); a divisor of the first axis that keeps
+    chunks inside shards on every FSDP mesh of up to 16 devices (24 = 8 x 3 of (128, 3):
+    128 / 16 = 8 rows per shard; 5 of (100,): 100 / 20); a plain divisor when no such
+    one is long enough (48 = 24 x 2 of (48, 2); 16000 of (160, 200)); the whole axis when
+    the divisor is below 64 // 16 (97 is prime); a leaf within the target is one chunk."""
     assert chunk_length((32, 40), C64) == 40
-    assert chunk_length((128, 3), C64) == 48
-    assert chunk_length((100,), C64) == 50
+    assert chunk_length((128, 3), C64) == 24
+    assert chunk_length((100,), C64) == 5
+    assert chunk_length((48, 2), C64) == 48
     assert chunk_length((97,), C64) == 97
     assert chunk_length((40,), C64) == 40
-    assert chunk_length((16, 24), C64) == 48
+    assert chunk_length((16, 24), C64) == 24
     assert chunk_length((160, 200), 16384) == 16000
 
 
@@ -266,7 +269,8 @@ def test_density_schedule_refreshes_when_the_density_changes():
 def test_stacked_layer_axes(form):
     """``dimension_numbers``: a ``(4, 16, 24)`` stack with selection axes ``(1, 2)`` and a
     ``(16, 3, 24)`` leaf with selection axes ``(0, 2)`` (the middle axis is the batch
-    axis) select each layer on its own (chunks of 48 = 2 x 24 in each); ``None`` entries
+    axis) select each layer on its own (chunks of one 24-entry row in each: 16 rows over 16
+    devices is a row per shard); ``None`` entries
     keep the default (whole leaf). Given as a tree or as a callable ``params -> tree``."""
     rng = np.random.default_rng(6)
     params = {
@@ -297,14 +301,14 @@ def test_ties_zeros_infinities_and_nans():
     slots (NaNs fill the rest in index order; their update is finite, their parameter
     stays NaN). Unselected NaN and inf entries get exactly zero updates."""
     rng = np.random.default_rng(7)
-    ties = rng.choice(np.array([0.5, -0.5, 0.25, -0.25, 0.0, -0.0], np.float32), size=(16, 12))
+    ties = rng.choice(np.array([0.5, -0.5, 0.25, -0.25, 0.0, -0.0], np.float32), size=(4, 48))
     nans = rng.normal(size=100).astype(np.float32)
     nans[rng.choice(50, size=5, replace=False)] = np.nan  # first chunk: never selected
     nans[50:] = np.nan  # second chunk: 2 finite, 2 infinite, 46 NaN; k = 5
     nans[[60, 90]] = [0.3, -2.0]
     nans[[70, 55]] = [np.inf, -np.inf]
-    params = {"ties": jnp.asarray(ties), "nans": jnp.asarray(nans.reshape(10, 10))}
-    assert chunk_length((16, 12), C64) == 48 and chunk_length((10, 10), C64) == 50
+    params = {"ties": jnp.asarray(ties), "nans": jnp.asarray(nans.reshape(2, 50))}
+    assert chunk_length((4, 48), C64) == 48 and chunk_length((2, 50), C64) == 50
     tx = nanoadam_jax.nanoadam(1e-2, density=0.1, mask_interval=INTERVAL, chunk_size=C64)
     ref = NanoAdamReference(Adam(1e-2), 0.1, INTERVAL, chunk_size=C64)
     ref.init(params)

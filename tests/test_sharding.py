@@ -52,8 +52,8 @@ INTERVAL = 2  # refresh at steps 0 and 2 of the STEPS steps run below
 STEPS = 4
 LR = 0.05  # large enough for the refresh at step 2 to change the selection
 #: A collective whose largest array (operand or result) exceeds this many bytes is "large".
-#: The smallest k-sized array of a sparse leaf is the bias's (8 chunks x 13 float32 = 416 B,
-#: 52 B per device); parameter-sized ones are kilobytes to megabytes.
+#: The smallest k-sized array of a sparse leaf is the bias's (16 chunks x 6 float32 = 384 B,
+#: 48 B per device); parameter-sized ones are kilobytes to megabytes.
 LIMIT_BYTES = 256
 #: Optimizer-state bytes per device, as a fraction of optax.adamw's (d = 0.1: about 0.127).
 STATE_RATIO = 0.16
@@ -117,10 +117,11 @@ LAYOUTS = {
 
 #: The chunk each sparse leaf gets on each layout: (chunk, chunk grid).
 EXPECTED_CHUNKS = {
-    "fsdp": {"w_big": (16384, (256,)), "w_small": (16384, (32,)), "bias": (128, (8,))},
+    # FSDP: the one-device chunking (the bias: 1024 / 16 = 64 entries per chunk).
+    "fsdp": {"w_big": (16384, (256,)), "w_small": (16384, (32,)), "bias": (64, (16,))},
     # The brief's example: (4096, 1024) split over 8 along its columns: 128 per chunk.
-    "tp": {"w_big": (128, (4096, 8)), "w_small": (64, (1024, 8)), "bias": (128, (8,))},
-    "2d": {"w_big": (256, (4096, 4)), "w_small": (256, (1024, 2)), "bias": (256, (4,))},
+    "tp": {"w_big": (128, (4096, 8)), "w_small": (64, (1024, 8)), "bias": (64, (16,))},
+    "2d": {"w_big": (256, (4096, 4)), "w_small": (256, (1024, 2)), "bias": (64, (16,))},
 }
 
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
@@ -554,7 +555,8 @@ def test_refresh_policies_under_explicit_sharding(policy):
         params = jax.device_put(host, NamedSharding(mesh, P("fsdp", None)))
         out, state = run(train(tx), params, tx.init(params))
     chunk = chunk_of(state[0].selected["w"], host["w"])
-    assert chunk == 256 * 128 // 8  # one chunk per shard
+    # 16 rows per chunk: the one-device chunking (256 rows over up to 16 devices).
+    assert chunk == 16 * 128
     ref_tx = default_tx(refresh_policy=policy, chunk_size=chunk)
     params = jax.tree.map(jnp.asarray, host)
     ref, ref_state = run(train(ref_tx), params, ref_tx.init(params))

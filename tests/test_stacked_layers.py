@@ -288,8 +288,9 @@ def test_chunks_stay_inside_one_layer():
     )
     _, state = one_update(tx, params)
     selected = state[0].selected["blocks"]["kernel"]
-    k = na.selection.num_selected_static(256, DENSITY)
-    chex.assert_shape(selected, (LAYERS, 4, k))  # 4 chunks of 8 rows x 32 per layer
+    # 16 chunks of 2 rows x 32 per layer (32 rows over 16 devices: 2 rows per shard).
+    k = na.selection.num_selected_static(64, DENSITY)
+    chex.assert_shape(selected, (LAYERS, 16, k))
     assert_selected_per_layer(selected, params["blocks"]["kernel"], chunk_size=256)
 
 
