@@ -199,3 +199,99 @@ def test_text_default_out():
     assert evidence.parse_args([]).out == evidence.DEFAULT_OUT
     with pytest.raises(SystemExit):
         evidence.parse_args(["--task", "audio"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The run cache, the variants' keys and the opt-in experiments (e3long, e6)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_run_cache_reads_only_the_current_library(tmp_path):
+    from benchmarks.evidence.runner import RunCache, library_hash
+
+    current = RunCache.key("vision", "sig", "adamw")
+    assert current.startswith(f"lib={library_hash()[:16]}|")
+    other = "lib=0123456789abcdef|vision|sig|adamw"
+    old = 'vision|{"v": 3}|adamw'  # the CACHE_VERSION scheme
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps({current: {"a": 1}, other: {"a": 2}, old: {"a": 3}}))
+    cache = RunCache(path)
+    assert cache.runs == {current: {"a": 1}}  # other library code: never read
+    cache.runs[RunCache.key("new")] = {"a": 4}
+    cache.save()
+    kept = json.loads(path.read_text())
+    assert set(kept) == {current, other, old, RunCache.key("new")}  # but kept in the file
+
+
+def test_variant_bias_correction_keys():
+    from benchmarks.evidence import Variant
+
+    keys = {
+        bc: Variant("nanoadam", bias_correction=bc).key
+        for bc in (True, "per_entry", "global", "gradient", False)
+    }
+    assert keys[True] == keys["per_entry"] == "nanoadam-smallest-keep-m100"
+    assert len(set(keys.values())) == 4
+    assert Variant("nanoadam", bias_correction="per_entry") == Variant("nanoadam")
+    with pytest.raises(ValueError):
+        Variant("nanoadam", bias_correction="age")
+
+
+def test_opt_in_experiments_run_alone():
+    from benchmarks import evidence
+    from benchmarks.evidence.settings import OPT_IN_OUT
+
+    assert evidence.parse_args(["--experiment", "e6"]).out == OPT_IN_OUT["e6"]
+    assert evidence.parse_args(["--experiment", "e3long"]).out == OPT_IN_OUT["e3long"]
+    assert "e6" not in evidence.parse_args([]).experiments  # opt-in: not in 'all'
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--experiment", "e6,e1"])
+
+
+def test_e6_smoke(tmp_path):
+    """E6 in seconds: a 0-layer MiniLM, a few reviews and steps; then resumed from the cache."""
+    missing = assets.missing_assets("minilm", "rotten_tomatoes", "bbc_news")
+    if missing:
+        pytest.skip("offline assets not installed; run: " + " && ".join(missing))
+    from benchmarks import evidence
+    from benchmarks.evidence.e6 import E6_SMOKE
+    from benchmarks.evidence.runner import library_hash
+
+    args = ["--experiment", "e6", "--smoke", "--quiet", "--out", str(tmp_path)]
+    returned = evidence.main(args)
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"e6.{ext}").stat().st_size > 0
+    doc = json.loads((tmp_path / "e6.json").read_text())
+    assert doc["library_hash"] == library_hash() and doc["machine"]["git"]
+    assert "python -m benchmarks.evidence --experiment e6" in (tmp_path / "e6.md").read_text()
+    res = doc["results"]
+    assert list(res["arms"]) == ["adamw", "nanoadam d=0.1", "nanoadam 10%->4%"]
+    for a in res["arms"].values():
+        assert a["best_lr"] in a["lrs"]
+        assert _acc(a["test"]["mean"]) and a["test"]["n"] == len(E6_SMOKE.seeds)
+        assert len(a["curves"]) == len(E6_SMOKE.seeds)
+        assert all(len(c) == E6_SMOKE.eval_points for c in a["curves"])
+    for run in doc["runs"]:
+        assert run["library_hash"] == library_hash()
+        assert _acc(run["val_acc"]) and _acc(run["test_acc"]) and _acc(run["bbc_acc"])
+    cached = json.loads((tmp_path / "runs.json").read_text())
+    assert len(cached) == len(doc["runs"])  # 2 LRs + 1 (adamw), 1 + 1 (each NanoAdam arm)
+    again = evidence.main(args)  # resumes: every run from the cache
+    assert again["results"]["arms"] == returned["results"]["arms"]
+
+
+@pytest.mark.slow  # about 3 minutes on 2 busy cores
+def test_e3long_smoke(tmp_path):
+    missing = assets.missing_assets("mnist_cnn", "mnist")
+    if missing:
+        pytest.skip("offline assets not installed; run: " + " && ".join(missing))
+    from benchmarks import evidence
+
+    evidence.main(["--experiment", "e3long", "--smoke", "--quiet", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "e3long.json").read_text())
+    tables = doc["results"]["tables"]
+    assert len(tables) == 5  # 4 arms + the default at reset's LR times the measured boost
+    assert {r["variant"].rsplit("-", 1)[-1] for r in doc["runs"]} >= {"bcglobal", "bcgrad"}
+    for sizes in doc["results"]["update_sizes"].values():
+        assert set(sizes) == {"keep + global", "reset", "keep + per-entry age", "keep + gradient"}
+    assert (tmp_path / "e3long.png").stat().st_size > 0

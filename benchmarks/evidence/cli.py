@@ -20,7 +20,7 @@ from benchmarks.evidence.e3 import experiment_e3
 from benchmarks.evidence.e4 import experiment_e4
 from benchmarks.evidence.e5 import experiment_e5
 from benchmarks.evidence.plots import _plt
-from benchmarks.evidence.runner import Runner
+from benchmarks.evidence.runner import Runner, library_hash
 from benchmarks.evidence.settings import (
     ADAMW_WEIGHT_DECAY,
     DEFAULT_OUT,
@@ -28,6 +28,8 @@ from benchmarks.evidence.settings import (
     EXPERIMENTS,
     FULL,
     OLD_TEXT_ASSETS,
+    OPT_IN,
+    OPT_IN_OUT,
     REPO,
     SMOKE,
     TASKS,
@@ -49,7 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--experiment",
         default="all",
-        help=f"comma-separated subset of {','.join(EXPERIMENTS)}, or 'all'",
+        help=f"comma-separated subset of {','.join(EXPERIMENTS)}, or 'all'; or, alone, one of "
+        f"the opt-in {', '.join(OPT_IN)} (e3long: long-run E3 on vision -> "
+        f"{OPT_IN_OUT['e3long'].relative_to(REPO)}; e6: the whole MiniLM-L6 on the full Rotten "
+        f"Tomatoes training split -> {OPT_IN_OUT['e6'].relative_to(REPO)})",
     )
     p.add_argument(
         "--task",
@@ -75,9 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.experiment == "all"
         else tuple(x.strip() for x in args.experiment.split(",") if x.strip())
     )
-    bad = [x for x in names if x not in EXPERIMENTS]
+    bad = [x for x in names if x not in EXPERIMENTS + OPT_IN]
     if bad or not names:
-        p.error(f"--experiment: unknown {bad}; choose from {EXPERIMENTS} or 'all'")
+        p.error(
+            f"--experiment: unknown {bad}; choose from {EXPERIMENTS} or 'all', or one of the "
+            f"opt-in {OPT_IN}"
+        )
+    if any(x in OPT_IN for x in names) and len(names) > 1:
+        p.error(f"--experiment: {' and '.join(OPT_IN)} run alone (each has its results folder)")
     if args.no_text:
         names = tuple(x for x in names if x != "text")
     args.experiments = names
@@ -85,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seeds must be >= 1")
     if args.out is None:
         args.out = DEFAULT_OUT_TEXT if args.task == "text" else DEFAULT_OUT
+        if names[0] in OPT_IN:
+            args.out = OPT_IN_OUT[names[0]]
+    if names[0] in OPT_IN and args.task != "vision":
+        p.error(f"--experiment {names[0]} has its own task: drop --task")
     return args
 
 
@@ -100,6 +114,8 @@ def _jsonable(x: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.experiments[0] in OPT_IN:
+        return main_opt_in(args, argv)
     task = args.task
     settings = {
         ("vision", False): FULL,
@@ -262,3 +278,76 @@ def _summary_md(settings, machine, command, results, runner, wall, cpu, smoke, t
     for c in runner.compile_log:
         lines.append(f"| {c['call']} | {c['wall_s']:.0f} | {c['cpu_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _provenance(machine: dict[str, Any], command: str, wall: float, cpu: float) -> list[str]:
+    git = machine.get("git") or {}
+    dirty = ", library modified (uncommitted changes)" if git.get("library_dirty") else ""
+    return [
+        f"- Command: `{command}`",
+        f"- Date: {machine['date']}; git {str(git.get('commit'))[:12]}{dirty}; library hash "
+        f"(sha256 of nanoadam_jax/**/*.py) {library_hash()[:16]}",
+        f"- Machine: {machine['processor']}, {machine['cpus_available']} CPU core(s) available "
+        f"({machine['cpu_count']} on the host), shared with other jobs; backend "
+        f"{machine['backend']}; jax {machine['jax']}, optax {machine['optax']}, flax "
+        f"{machine['flax']}, python {machine['python']}",
+        f"- Cost of this invocation: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU (runs found "
+        "in `runs.json`, made with the same library code, are reused, not recomputed).",
+    ]
+
+
+def main_opt_in(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """``--experiment e3long`` or ``--experiment e6``: their own settings and results folder."""
+    from benchmarks.evidence import e3long, e6
+
+    name = args.experiments[0]
+    need = VISION_ASSETS if name == "e3long" else e6.ASSETS
+    missing = assets.missing_assets(*need)
+    if missing:
+        raise SystemExit("Missing offline assets. Install them with:\n  " + "\n  ".join(missing))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    command = " ".join(
+        ["python -m benchmarks.evidence", *(sys.argv[1:] if argv is None else list(argv))]
+    )
+    w0, c0 = time.perf_counter(), time.process_time()
+    if name == "e3long":
+        settings: Any = e3long.E3LONG_SMOKE if args.smoke else e3long.E3LONG
+        if args.seeds is not None:
+            settings = dataclasses.replace(settings, seeds=tuple(range(args.seeds)))
+        runner = Runner(settings, out, progress=not args.quiet)
+        res = e3long.experiment_e3long(runner)
+        runs = [runner.cache[k] for k in sorted(runner.used)]
+        title = "E3-long: moments and bias correction of entering entries over a long run"
+    else:
+        settings = e6.E6_SMOKE if args.smoke else e6.E6
+        if args.seeds is not None:
+            settings = dataclasses.replace(settings, seeds=tuple(range(args.seeds)))
+        res = e6.run_e6(settings, out, progress=not args.quiet)
+        runs = res.pop("runs")
+        title = "E6: the whole MiniLM-L6 on Rotten Tomatoes (AdamW vs NanoAdam), BBC forgetting"
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    fig = res.pop("figure")
+    fig.savefig(out / f"{name}.png", dpi=110)
+    _plt().close(fig)
+    payload = {
+        "experiment": name,
+        "settings": dataclasses.asdict(settings),
+        "machine": machine,
+        "library_hash": library_hash(),
+        "command": command,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "results": res,
+        "runs": runs,
+    }
+    (out / f"{name}.json").write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
+    md = [f"# {title}" + (" (SMOKE RUN)" if args.smoke else ""), ""]
+    md += _provenance(machine, command, wall, cpu)
+    md += ["", res["markdown"], "", f"![{name}]({name}.png)", ""]
+    (out / f"{name}.md").write_text("\n".join(md))
+    if not args.quiet:
+        print("\n".join(md))
+        print(f"Wrote {out} ({wall:.0f} s wall, {cpu:.0f} s CPU).")
+    return {"results": _jsonable(res), "wall_s": wall, "cpu_s": cpu, "out": str(out)}

@@ -157,14 +157,17 @@ class Runner:
         variant: Variant,
         lrs: Sequence[float],
         densities: Sequence[float] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[dict[str, Any]]:
-        """All (lr, seed, density) runs of ``variant``; computes those not in the cache."""
+        """All (lr, seed, density) runs of ``variant`` (``seeds``: default the settings');
+        computes those not in the cache."""
         task = self.task(task_name)
         if variant.method == "adamw":
             densities = (1.0,)
         elif densities is None:
             densities = (self.s.densities[0],)
-        points = [(lr, seed, d) for d in densities for lr in lrs for seed in self.s.seeds]
+        seeds = self.s.seeds if seeds is None else seeds
+        points = [(lr, seed, d) for d in densities for lr in lrs for seed in seeds]
         keys = [self.run_key(task, variant, *p) for p in points]
         todo = [p for p, k in zip(points, keys) if k not in self.cache]
         chunk = task.vmap_chunk

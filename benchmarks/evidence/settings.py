@@ -16,6 +16,12 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "evidence"
 DEFAULT_OUT_TEXT = REPO / "benchmarks" / "results" / "evidence-text"
 EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "text")
+#: Opt-in experiments (not in ``all``), each run alone into its own results folder.
+OPT_IN = ("e3long", "e6")
+OPT_IN_OUT = {
+    "e3long": REPO / "benchmarks" / "results" / "evidence-long",
+    "e6": REPO / "benchmarks" / "results" / "e6",
+}
 TASKS = ("vision", "text")
 VISION_ASSETS = ("mnist_cnn", "mnist")
 TEXT_ASSETS = ("minilm", "rotten_tomatoes")
