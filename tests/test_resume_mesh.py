@@ -11,12 +11,14 @@ run continues for 3 more steps elsewhere (mask refreshes at steps 0, 2 and 4):
   an exact copy.
 * **FSDP -> tensor-parallel** (the last axis over 8 devices): the checkpoint is restored
   with its own (saved) shapes, replicated on the new devices, and
-  ``nanoadam.relayout(restored, tx.init(params_on_the_tp_mesh))`` gives a state with the
+  ``nanoadam.relayout(tx, restored, params_on_the_tp_mesh)`` gives a state with the
   TP state's shapes and shardings, the step counters kept and the dense leaf's state
   copied. The next update re-selects: its selection equals a fresh TP-mesh refresh of the
   same parameters, the entries selected both before and after carry the restored moments
-  (Adam's moment updates of exactly those), the others start from zero, and the
-  parameters move by exactly the Adam step of those moments.
+  (Adam's moment updates of exactly those), the others start from zero, and only the
+  selected entries move, each against the sign of its first moment. Before that update,
+  the relaid state holds the saved moments of saved entries only, as many per new chunk
+  as it holds.
 
 The "gradient" ``sin(3 w) + 0.1`` is element-wise in the parameters, so no reduction order
 differs between meshes.
@@ -247,7 +249,7 @@ def test_fsdp_checkpoint_resumes_bit_identically_on_another_mesh(ckpt_root, sour
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (got.shape, got.sharding)
 
     # Same layout: relayout is an exact copy with the target's shardings.
-    copied = nanoadam.relayout(restored["opt_state"], fresh)
+    copied = nanoadam.relayout(tx, restored["opt_state"], params)
     assert_trees_equal(host(copied), saved_state)
     for got, want in zip(jax.tree.leaves(copied), jax.tree.leaves(fresh), strict=True):
         if got.ndim:
@@ -315,7 +317,7 @@ def tp_resume(root: str):
     restored = restore(path, target_tree)
     params = restored["params"]
     target = tx.init(params)
-    relaid = nanoadam.relayout(restored["opt_state"], target)
+    relaid = nanoadam.relayout(tx, restored["opt_state"], params)
     after_params, after_state = step(params, on_mesh(relaid, mesh))
     fresh_params, fresh_state = step(params, on_mesh(tx.init(params), mesh))
     more = run(after_params, after_state, TOTAL - STOP - 1)
