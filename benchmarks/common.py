@@ -311,3 +311,39 @@ def state_floor(density: float, moment_bytes: int = 8, index_bytes: int = 2) -> 
     stores ``int32`` positions: ``1.5 * density``.
     """
     return (moment_bytes + index_bytes) / 8 * density
+
+
+# --------------------------------------------------------------------------------------
+# The ordinary step alone (no refresh branch)
+# --------------------------------------------------------------------------------------
+
+
+class ordinary_step_only:
+    """While active, NanoAdam traces only the false branch of its refresh ``cond``.
+
+    ``nanoadam_jax.refresh.cond(pred, refresh, keep, operand)`` is replaced by
+    ``keep(operand)``, so that a function traced inside the block compiles to the program
+    of an ordinary step (no selection, no refresh scratch): XLA's ``cost_analysis()`` of
+    a conditional takes the largest branch, so the ordinary step's own cost is only
+    readable from such a program. ``with ordinary_step_only() as calls`` gives a one-item
+    list counting the replaced calls (0 means the library no longer refreshes through
+    ``refresh.cond`` and the measurement would include the refresh: check it).
+    Benchmarks and tests only: the traced program never refreshes its selection.
+    """
+
+    def __enter__(self) -> list[int]:
+        from nanoadam_jax import refresh
+
+        self._module = refresh
+        self._original = refresh.cond
+        self.calls = [0]
+
+        def keep_only(pred, true_fn, false_fn, operand):
+            self.calls[0] += 1
+            return false_fn(operand)
+
+        refresh.cond = keep_only
+        return self.calls
+
+    def __exit__(self, *exc: Any) -> None:
+        self._module.cond = self._original

@@ -34,6 +34,7 @@ from benchmarks import (  # noqa: E402
     bench_gpu,
     bench_memory,
     bench_selection,
+    bench_train_step,
     bench_update,
     bench_vmap,
     common,
@@ -46,6 +47,7 @@ SECTIONS = {
     "chunk": bench_chunk,
     "selection": bench_selection,
     "memory": bench_memory,
+    "train_step": bench_train_step,
     "gpu": bench_gpu,
 }
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -203,6 +205,10 @@ def summarize(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 row["compile_ratio_vs_adamw"],
                 where=where,
             )
+    rows = sections.get("train_step", {}).get("rows", [])
+    for s in bench_train_step.summary(rows):
+        if s["name"] in ("peak / adamw", "compile / adamw", "parameter-sized copies"):
+            add(f"train step: {s['name']}", s["value"], s["target"], s["where"])
     rows = sections.get("selection", {}).get("rows", [])
     if rows:
         n = max(r["n"] for r in rows)

@@ -314,3 +314,71 @@ def test_inplace_memory_diagnostic_runs(tmp_path):
     for r in payload["rows"]:
         assert r["param_bytes"] == 2 * 128 * 128 * 4 and r["temp_bytes"] >= 0
     assert "commit" in out.with_suffix(".md").read_text()
+
+
+def test_train_step_bench_tiny(tmp_path):
+    """bench_train_step on a tiny transformer: rows well formed (no timing asserted)."""
+    from benchmarks import bench_memory, bench_train_step
+
+    cfg = bench_memory.Config(
+        "tiny", vocab=64, d_model=32, layers=1, heads=2, d_ff=64, batch=2, seq=8
+    )
+    rows = bench_train_step.bench_model(
+        bench_train_step.transformer(cfg, scanned=True), steps=1, flags=(True,)
+    )
+    assert [r["optimizer"] for r in rows] == ["adamw", "nanoadam d=0.1"]
+    for r in rows:
+        assert r["flag"] is True and positive(r["peak_bytes"]) and positive(r["compile_s"])
+        assert r["peak_bytes"] == (
+            r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
+        )
+        assert positive(r["step_ms"]) and r["loss_finite"]
+        assert r["param_copies"] >= 0 and positive(r["ordinary_update_bytes"])
+    nano = rows[1]
+    assert nano["state_bytes"] < rows[0]["state_bytes"] and positive(nano["ordinary_bytes_ratio"])
+    summary = bench_train_step.summary(rows)
+    assert any(s["name"] == "ordinary update bytes accessed / adamw" for s in summary)
+    payload = {
+        "command": "test",
+        "machine": bench_train_step.common.machine_info(),
+        "wall_s": 1.0,
+        "rows": rows,
+        "update_rows": [],
+        "summary": summary,
+    }
+    assert "## Key ratios" in bench_train_step.markdown(payload)
+
+
+def test_train_step_hlo_copy_parser():
+    from benchmarks import bench_train_step
+
+    text = "\n".join(
+        [
+            "%fused_computation.1 (p: f32[4,4]) -> f32[4,4] {",
+            "  ROOT %copy.9 = f32[4,4]{1,0} copy(%p)",
+            "}",
+            "ENTRY %main.1 (params_a: f32[4,4]) -> f32[4,4] {",
+            "  %params_a = f32[4,4]{1,0} parameter(0)",
+            "  %bitcast.1 = f32[16]{0} bitcast(%params_a)",
+            "  %copy.1 = f32[4,4]{1,0} copy(%params_a)",
+            "  %copy.4 = f32[16]{0} copy(%bitcast.1)",
+            "  %copy.2 = f32[2,8]{1,0} copy(%wrapped_broadcast.3)",
+            '  %copy.3 = f32[16]{0} copy(%t), metadata={op_name="jit(step)/jvp(f)/dot"}',
+            "  ROOT %fusion.1 = f32[4,4]{1,0} fusion(%copy.1), calls=%fused_computation.1",
+            "}",
+        ]
+    )
+    copies = bench_train_step.hlo_copies(text)
+    assert [c["operand"] for c in copies] == ["params_a", "bitcast.1", "wrapped_broadcast.3", "t"]
+    assert [c["source"] for c in copies] == ["param", "param", "other", "other"]
+    assert [bench_train_step.is_param_copy(c, {16}) for c in copies] == [True, True, False, False]
+
+
+def test_gpu_bench_cpu_path(tmp_path):
+    """bench_gpu's one command: no rows without a GPU; --allow-cpu runs a kind on the CPU."""
+    from benchmarks import bench_gpu
+
+    if jax.default_backend() != "gpu":
+        assert bench_gpu.run(quick=True, kinds=["train_step"]) == []
+    assert bench_gpu.main(["--out", str(tmp_path), "--kinds", "chunk", "--quick"]) == 0
+    assert (tmp_path / "gpu.json").exists() and (tmp_path / "gpu.md").exists()
