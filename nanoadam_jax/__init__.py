@@ -10,7 +10,7 @@ Example:
   True
 """
 
-from nanoadam_jax import labels, layout, refresh, schedules, selection, transform
+from nanoadam_jax import config, labels, layout, masking, refresh, schedules, selection, transform
 from nanoadam_jax.alias import nanoadam, nanoadamw
 from nanoadam_jax.labels import (
     DENSE,
@@ -22,6 +22,13 @@ from nanoadam_jax.labels import (
     path_names,
 )
 from nanoadam_jax.layout import SelectionDimensionNumbers, select_mask
+from nanoadam_jax.masking import (
+    MagnitudeMaskState,
+    MaskedApplyState,
+    magnitude_mask,
+    mask,
+    masked_apply,
+)
 from nanoadam_jax.plan import LeafPlan, Plan, plan
 from nanoadam_jax.relayout import relayout
 from nanoadam_jax.schedules import constant_density, linear_density_decay
@@ -32,15 +39,7 @@ from nanoadam_jax.selection import (
     select_global_masks,
     selection_keys,
 )
-from nanoadam_jax.transform import (
-    MagnitudeMaskState,
-    MaskedApplyState,
-    SparseUpdateState,
-    magnitude_mask,
-    mask,
-    masked_apply,
-    sparse_update,
-)
+from nanoadam_jax.transform import SparseUpdateState, sparse_update
 
 __version__ = "0.1.0"
 
@@ -55,6 +54,7 @@ __all__ = [
     "Plan",
     "SparseUpdateState",
     "bottom_k_mask",
+    "config",
     "constant_density",
     "default_labels",
     "find_heads",
@@ -65,6 +65,7 @@ __all__ = [
     "linear_density_decay",
     "magnitude_mask",
     "mask",
+    "masking",
     "masked_apply",
     "nanoadam",
     "nanoadamw",

@@ -17,9 +17,10 @@ import numpy as np
 import optax
 
 from nanoadam_jax import transform
+from nanoadam_jax.config import Density, DimensionNumbers, selection_args
 from nanoadam_jax.labels import Labels
 from nanoadam_jax.layout import LAYER_AXIS_NAMES
-from nanoadam_jax.transform import STEP_ARG, Density, DimensionNumbers, sparse_update
+from nanoadam_jax.transform import STEP_ARG, sparse_update
 
 __all__ = ["BIAS_CORRECTIONS", "nanoadam", "nanoadamw"]
 
@@ -315,18 +316,9 @@ def nanoadam(
         inner,
         learning_rate,
         correction,
-        density=density,
-        mask_interval=mask_interval,
-        scope=scope,
-        chunk_size=chunk_size,
-        criterion=criterion,
-        labels=labels,
-        dimension_numbers=dimension_numbers,
-        layer_axis_names=layer_axis_names,
+        **selection_args(locals()),
         refresh_policy=refresh_policy,
-        max_density=max_density,
         moment_dtype=moment_dtype,
-        seed=seed,
     )
 
 
@@ -405,17 +397,8 @@ def nanoadamw(
         inner,
         learning_rate,
         correction,
-        density=density,
-        mask_interval=mask_interval,
-        scope=scope,
-        chunk_size=chunk_size,
-        criterion=criterion,
-        labels=labels,
-        dimension_numbers=dimension_numbers,
-        layer_axis_names=layer_axis_names,
+        **selection_args(locals()),
         refresh_policy=refresh_policy,
-        max_density=max_density,
         moment_dtype=moment_dtype,
-        seed=seed,
     )
     return tx if mask is None else _with_decay_mask(tx, mask)

@@ -325,7 +325,7 @@ def label_params(params: Any, labels: Labels = None) -> Any:
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     if labels is None:
         labels = default_labels
-    if callable(labels) and _num_positional(labels) == 1:
+    if callable(labels) and num_positional(labels) == 1:
         out = _flatten_labels(labels(params), treedef)
     elif callable(labels):
         out = [labels(path, leaf) for path, leaf in leaves_with_path]
@@ -351,7 +351,9 @@ def label_params(params: Any, labels: Labels = None) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _num_positional(fn: Callable[..., Any]) -> int:
+def num_positional(fn: Callable[..., Any]) -> int:
+    """How many positional arguments ``fn`` takes (2 when it cannot be told): tells a
+    ``(path, leaf)`` callable from a ``params`` one (labels, dimension numbers)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):

@@ -51,7 +51,7 @@ import numpy as np
 
 from nanoadam_jax import selection
 from nanoadam_jax._rows import mode as _mode
-from nanoadam_jax._sharding import explicit_sharding
+from nanoadam_jax._sharding import explicit_sharding, known_sharding
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -61,6 +61,9 @@ __all__ = [
     "chunk_length",
     "fsdp_invariant",
     "leaf_layout",
+    "select_mask",
+    "selection_mask",
+    "state_array",
 ]
 
 #: Default target chunk length (entries); see the module docstring for the measurement.
@@ -369,10 +372,11 @@ def _aligned_spec(
     matrix_shape: tuple[int, ...], j: int, c: int, spec: tuple[Any, ...], mesh: Any
 ) -> tuple[Any, ...] | None:
     """The chunk grid's spec entries when every chunk lies on one shard, else None."""
+    split = [e is not None and _mesh_axis_size(mesh, e) > 1 for e in spec]
     if j < 0:
         # One chunk per matrix: aligned only if the matrix itself is not split.
-        return () if all(e is None for e in spec) else None
-    if any(e is not None for e in spec[j + 1 :]):
+        return () if not any(split) else None
+    if any(split[j + 1 :]):
         return None
     grid = _grid(matrix_shape, j, c)
     if grid[-1] % _mesh_axis_size(mesh, spec[j]):
@@ -387,7 +391,7 @@ def _shard_split(
     axis split, e.g. tensor-parallel, or a matrix small enough to be one chunk): the
     longest chunking of the one-device rule, for a smaller target, whose chunks lie inside
     the shards. So ``chunk_size=`` that target on one device reproduces it."""
-    a = max(i for i, e in enumerate(mspec) if e is not None)
+    a = max(i for i, e in enumerate(mspec) if e is not None and _mesh_axis_size(mesh, e) > 1)
     devices = _mesh_axis_size(mesh, mspec[a])
     if matrix[a] % devices:
         raise ValueError(
@@ -499,6 +503,19 @@ def leaf_layout(
     )
 
 
+def state_array(lay: LeafLayout, fill: int, dtype: Any, like: Any) -> jax.Array:
+    """A ``(*grid, capacity)`` array filled with ``fill``, sharded like the rows of the
+    leaf ``like`` when that is known (its state rows are laid out like its chunks)."""
+    sharding = None
+    ps = known_sharding(like)
+    if lay.spec is not None and ps is not None:
+        sharding = jax.sharding.NamedSharding(ps.mesh, jax.sharding.PartitionSpec(*lay.spec, None))
+    if isinstance(like, jax.core.Tracer):
+        # Under jit/eval_shape the sharding is known only in explicit mode (then set it).
+        return jnp.full(lay.state_shape, fill, dtype, out_sharding=sharding)
+    return jnp.full(lay.state_shape, fill, dtype, device=sharding)
+
+
 def layout_from_state(
     shape: Sequence[int], batch_axes: Sequence[int], state_shape: Sequence[int], dtype: Any
 ) -> LeafLayout:
@@ -574,8 +591,6 @@ DimensionNumbers = (
 
 
 # -- masks of a leaf's selection (the rule of :mod:`nanoadam_jax.selection`, cut into chunks) --
-
-__all__ += ["select_mask", "selection_mask"]
 
 
 def selection_mask(

@@ -19,8 +19,16 @@ import jax.numpy as jnp
 import optax
 
 from nanoadam_jax import labels as labels_lib
-from nanoadam_jax import layout, transform
+from nanoadam_jax import layout
+from nanoadam_jax._tree import box_tree
 from nanoadam_jax.alias import nanoadam
+from nanoadam_jax.config import (
+    Density,
+    DimensionNumbers,
+    SelectionConfig,
+    init_layouts,
+    selection_args,
+)
 from nanoadam_jax.selection import num_selected_static
 
 __all__ = ["LeafPlan", "Plan", "plan"]
@@ -40,6 +48,12 @@ class LeafPlan(NamedTuple):
         dense leaf; 0 when frozen).
       state_bytes: NanoAdam's optimizer-state bytes for this leaf.
       adamw_bytes: ``optax.adamw``'s state bytes for this leaf.
+      mesh_independent: True when the leaf's layout (state shape, selection, updates) is
+        the same on one device, on every mesh that splits its first matrix axis evenly
+        over up to 16 devices (FSDP) and on the sharding it was given; False when the
+        given sharding, or an FSDP one, needs another chunking (a checkpoint then moves
+        between such meshes with :func:`~nanoadam_jax.relayout`). True for dense and
+        frozen leaves.
     """
 
     path: str
@@ -51,6 +65,7 @@ class LeafPlan(NamedTuple):
     trained: int
     state_bytes: int
     adamw_bytes: int
+    mesh_independent: bool = True
 
 
 class Plan(NamedTuple):
@@ -69,7 +84,7 @@ class Plan(NamedTuple):
     notes: list[str]
 
     def __str__(self) -> str:
-        head = ("leaf", "shape", "label", "layers", "chunk", "trained", "state", "adamw")
+        head = ("leaf", "shape", "label", "layers", "chunk", "mesh", "trained", "state", "adamw")
         rows = [head]
         for leaf in self.leaves:
             rows.append(
@@ -79,6 +94,7 @@ class Plan(NamedTuple):
                     leaf.label,
                     ",".join(map(str, leaf.layer_axes)) or "-",
                     f"{leaf.chunk} x{leaf.chunks}" if leaf.chunk else "-",
+                    "any" if leaf.mesh_independent else "this",
                     f"{leaf.trained:,}",
                     _bytes(leaf.state_bytes),
                     _bytes(leaf.adamw_bytes),
@@ -90,6 +106,7 @@ class Plan(NamedTuple):
             (
                 "total",
                 f"{total:,}",
+                "",
                 "",
                 "",
                 "",
@@ -107,6 +124,11 @@ class Plan(NamedTuple):
                 lines.append("  ".join("-" * w for w in widths))
         ratio = self.state_bytes / self.adamw_bytes if self.adamw_bytes else float("nan")
         lines.append(f"optimizer state: {ratio:.3f}x optax.adamw's")
+        if not all(leaf.mesh_independent for leaf in self.leaves):
+            lines.append(
+                "mesh 'this': the leaf's chunking depends on its sharding; a checkpoint "
+                "moves to another mesh with nanoadam.relayout"
+            )
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
@@ -125,16 +147,17 @@ def _nbytes(tree: Any) -> int:
 
 def plan(
     params: Any,
-    density: transform.Density = 0.1,
+    density: Density = 0.1,
     *,
     scope: str = "chunk",
     chunk_size: int | None = None,
     labels: labels_lib.Labels = None,
-    dimension_numbers: transform.DimensionNumbers = None,
+    dimension_numbers: DimensionNumbers = None,
     layer_axis_names: Sequence[str] = layout.LAYER_AXIS_NAMES,
     max_density: float | None = None,
     moment_dtype: Any | None = None,
     mu_dtype: Any | None = None,
+    bias_correction: bool | str = True,
     show: bool = True,
 ) -> Plan:
     """What :func:`~nanoadam_jax.nanoadam` will train and store, per leaf, before training.
@@ -150,50 +173,52 @@ def plan(
       >>> p = nanoadam.plan(params, density=0.1, show=False)
       >>> [(leaf.path, leaf.label, leaf.trained) for leaf in p.leaves]
       [("['Dense_0']['kernel']", 'sparse', 13104), ("['head']['kernel']", 'dense', 2560)]
-      >>> round(p.state_bytes / p.adamw_bytes, 3)
-      0.142
+      >>> round(p.state_bytes / p.adamw_bytes, 3)  # 12 bytes per selected entry
+      0.166
+      >>> p.leaves[0].mesh_independent  # the same chunks on every FSDP mesh
+      True
 
     Args:
       params: parameters, or ``jax.ShapeDtypeStruct``s.
       density, scope, chunk_size, labels, dimension_numbers, layer_axis_names,
       max_density, moment_dtype: as in :func:`~nanoadam_jax.sparse_update`.
-      mu_dtype: as in :func:`~nanoadam_jax.nanoadam`.
+      mu_dtype, bias_correction: as in :func:`~nanoadam_jax.nanoadam` (the per-entry
+        correction stores a 2-byte age per selected entry).
       show: print the table.
 
     Returns:
       A :class:`Plan` (``str(plan)`` is the printed table).
     """
+    selection = selection_args(locals())
+    config = SelectionConfig(**selection)
     tx = nanoadam(
         1e-3,
-        density,
-        scope=scope,
-        chunk_size=chunk_size,
-        labels=labels,
-        dimension_numbers=dimension_numbers,
-        layer_axis_names=layer_axis_names,
-        max_density=max_density,
+        **selection,
         moment_dtype=moment_dtype,
         mu_dtype=mu_dtype,
+        bias_correction=bias_correction,
     )
     full_state = jax.eval_shape(tx.init, params)
     state = full_state[0]
     adamw = jax.eval_shape(optax.adamw(1e-3, mu_dtype=mu_dtype).init, params)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     flat_labels = treedef.flatten_up_to(labels_lib.label_params(params, labels))
-    sdef, boxes = transform._boxes(params)
+    sdef, boxes = box_tree(params)
     compact = scope != "global"
     selected = (sdef if compact else treedef).flatten_up_to(state.selected)
-    config = transform._Config(
-        density, 1, scope, chunk_size, "smallest", labels, 0, max_density,
-        dimension_numbers, layer_axis_names,
-    )  # fmt: skip
     layer_axes = config.batch_axes(params, boxes, at_init=True)
+    independent = {}
     if compact:
         # eval_shape traces the parameters, which hides their sharding in automatic
         # mode: the layouts (chunking adapted to the shards) come from the leaves as given.
         sparse = [i for i, lab in enumerate(flat_labels) if lab == labels_lib.SPARSE]
-        for i, lay in transform._init_layouts(config, params, sparse).items():
+        unsharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        alone = init_layouts(config, unsharded, sparse)
+        for i, lay in init_layouts(config, params, sparse).items():
             selected[i] = jax.ShapeDtypeStruct(lay.state_shape, lay.index_dtype)
+            matrix = [s for a, s in enumerate(lay.shape) if a not in lay.batch_axes]
+            independent[i] = lay.grid == alone[i].grid and layout.fsdp_invariant(matrix, lay.chunk)
+    per_entry = bias_correction is True or bias_correction == "per_entry"
     rows = []
     for i, ((path, leaf), label) in enumerate(zip(leaves_with_path, flat_labels)):
         shape = tuple(leaf.shape)
@@ -206,6 +231,7 @@ def plan(
             sel = selected[i]
             slots = math.prod(sel.shape)
             own = slots * (mu_bytes + nu_bytes + jnp.dtype(sel.dtype).itemsize)
+            own += 2 * slots if per_entry else 0  # the uint16 age
             if compact:
                 chunks = math.prod(sel.shape[:-1])
                 chunk = n // chunks if chunks else 0
@@ -228,6 +254,7 @@ def plan(
                 trained=trained,
                 state_bytes=own,
                 adamw_bytes=adamw_leaf,
+                mesh_independent=independent.get(i, True),
             )
         )
     notes = []
@@ -241,6 +268,7 @@ def plan(
         )
     # Total: the step counters etc. from the real state, the leaves from the rows.
     overhead = _nbytes(full_state) - _nbytes(state.selected) - _nbytes(state.sparse_inner_state)
+    overhead -= _nbytes(state.sparse_age)
     overhead -= _nbytes(state.dense_inner_state)
     total = overhead + sum(row.state_bytes for row in rows) + _scalar_bytes(state)
     result = Plan(rows, total, _nbytes(adamw), notes)

@@ -16,19 +16,31 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from nanoadam_jax import selection
 from nanoadam_jax._rows import take_rows
+from nanoadam_jax.layout import LeafLayout
 from nanoadam_jax.selection import bisect
 
-__all__ = ["REFRESH_POLICIES", "carry_plan", "carry_positions", "cond", "refresh_due"]
+__all__ = [
+    "REFRESH_POLICIES",
+    "carry_plan",
+    "carry_positions",
+    "cond",
+    "refresh_due",
+    "select_positions",
+]
 
 #: Accepted values of ``refresh_policy``: what a refresh does to the sparse inner state.
 REFRESH_POLICIES = ("keep", "reset")
+#: Entries selected at once on one device (a block of chunks of a large leaf).
+_SELECTION_BLOCK_ENTRIES = 1 << 20
 
 
 def refresh_due(
@@ -158,3 +170,37 @@ def carry_positions(
         return values
     moved = take_rows(values, slot, padded=False)
     return jnp.where(found, moved, jnp.zeros((), values.dtype) if fresh is None else fresh)
+
+
+def select_positions(
+    lay: LeafLayout, view: jax.Array, k: Any, criterion: str, key: jax.Array | None
+) -> jax.Array:
+    """Selected positions of one leaf (given as ``lay.view(x)``): ``(*grid, capacity)``
+    sorted positions of the ``k`` entries chosen by ``criterion`` in every chunk.
+
+    On one device a large leaf is selected a block of chunks at a time
+    (``jax.lax.map``), so the refresh's scratch memory is that of one block, not a few
+    times the leaf (its keys, masks and running counts). On a mesh the whole chunk grid
+    is processed at once, each device on its own chunks. The random criterion draws its
+    keys for the whole leaf.
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> lay = nanoadam.layout.leaf_layout((2, 4), chunk_size=4, max_density=0.5)
+      >>> x = jnp.array([[0.3, -0.1, 2.0, 0.2], [5.0, 0.0, 1.0, -3.0]])
+      >>> select_positions(lay, lay.view(x), 2, "smallest", None).tolist()
+      [[1, 3], [1, 2]]
+    """
+    rows = math.prod(lay.grid)
+    block = max(1, _SELECTION_BLOCK_ENTRIES // max(1, lay.chunk))
+    if jax.device_count() == 1 and key is None and rows > block and lay.capacity:
+
+        def select_rows(r):
+            keys = selection.selection_keys(r, criterion, None)
+            return selection.chunk_positions(keys, k, lay.capacity)
+
+        flat = view.reshape(rows, lay.chunk)
+        out = jax.lax.map(select_rows, flat, batch_size=block)
+        return out.reshape(lay.state_shape).astype(lay.index_dtype)
+    keys = selection.selection_keys(view, criterion, key)
+    return selection.chunk_positions(keys, k, lay.capacity).astype(lay.index_dtype)

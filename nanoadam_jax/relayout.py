@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nanoadam_jax import transform
-from nanoadam_jax.transform import MagnitudeMaskState, MaskedApplyState, SparseUpdateState
+from nanoadam_jax import selection
+from nanoadam_jax._tree import box_tree
+from nanoadam_jax.masking import MagnitudeMaskState, MaskedApplyState
+from nanoadam_jax.transform import SparseUpdateState
 
 __all__ = ["relayout"]
 
@@ -45,30 +47,49 @@ def _place(value: Any, like: Any) -> Any:
     return jnp.asarray(np.asarray(jax.device_get(value)), dtype=jnp.result_type(like))
 
 
-def _moves(old_sel: jax.Array, new_sel: jax.Array, size: int) -> tuple[Any, ...]:
+def _moves(
+    old_sel: jax.Array, new_sel: jax.Array, size: int, weights: jax.Array | None
+) -> tuple[Any, ...]:
     """Where every old selected entry lands in the new chunking.
 
     Both chunkings cut the same row-major flattening of a layer into consecutive
-    chunks, so an entry's flat index is ``row * chunk + position`` in either. Returns
-    the new selection (sorted positions; at most ``capacity`` old entries per new
-    chunk, the rest padding), the order of the old slots, and the new row and slot of
-    each (out of range where dropped).
+    chunks, so an entry's flat index is ``row * chunk + position`` in either. Where a new
+    chunk receives more old entries than it has slots, those with the smallest ``|w|``
+    (``weights``, the leaf flattened; None: the first by position) are kept: they are the
+    ones the next refresh re-selects by the default criterion. Returns the new selection
+    (sorted positions, the rest padding), the order of the old slots, and the new row and
+    slot of each (out of range where dropped).
     """
     rows_old, rows_new = math.prod(old_sel.shape[:-1]), math.prod(new_sel.shape[:-1])
     c_old, c_new = size // max(1, rows_old), size // max(1, rows_new)
     cap_new = new_sel.shape[-1]
     pos = old_sel.reshape(rows_old, -1).astype(jnp.int32)
     flat = jnp.arange(rows_old, dtype=jnp.int32)[:, None] * c_old + pos
-    flat = jnp.where(pos < c_old, flat, size).reshape(-1)  # padding sorts last
-    order = jnp.argsort(flat)
-    flat = flat[order]
+    flat = jnp.where(pos < c_old, flat, size).reshape(-1)  # padding: past the end
+    if weights is None:
+        key = jnp.zeros(flat.shape, jnp.uint32)
+    else:
+        key = selection.selection_keys(weights[jnp.minimum(flat, size - 1)], "smallest", None)
     row = flat // c_new
+    by_key = jnp.lexsort((key, row))  # each new chunk's old entries, smallest |w| first
+    row_k = row[by_key]
+    rank = jnp.arange(row_k.size, dtype=jnp.int32) - jnp.searchsorted(row_k, row_k)
+    kept = jnp.where((flat[by_key] < size) & (rank < cap_new), flat[by_key], size)
+    by_pos = jnp.argsort(kept, stable=True)  # the kept ones by position, the rest last
+    order = by_key[by_pos]
+    flat = kept[by_pos]
+    row = jnp.where(flat < size, flat // c_new, rows_new)  # out of range: dropped
     slot = jnp.arange(flat.size, dtype=jnp.int32) - jnp.searchsorted(flat, row * c_new)
-    keep = (flat < size) & (slot < cap_new)
-    row = jnp.where(keep, row, rows_new)  # out of range: dropped
     selected = jnp.full((rows_new, cap_new), c_new, jnp.int32)
     selected = selected.at[row, slot].set(flat % c_new, mode="drop")
     return selected.reshape(new_sel.shape).astype(new_sel.dtype), order, row, slot
+
+
+def _flat_values(x: Any) -> jax.Array | None:
+    """A parameter leaf's values, flattened row-major (None for a ``ShapeDtypeStruct``)."""
+    if isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "reshape"):
+        return None
+    return jnp.asarray(jax.device_get(x)).reshape(-1)
 
 
 def _move(values: jax.Array, fresh: jax.Array, moves: tuple[Any, ...]) -> jax.Array:
@@ -80,7 +101,8 @@ def _move(values: jax.Array, fresh: jax.Array, moves: tuple[Any, ...]) -> jax.Ar
     return out.reshape(fresh.shape)
 
 
-def _relayout_sparse(old: SparseUpdateState, new: SparseUpdateState, sizes: list[int]) -> Any:
+def _relayout_sparse(old: SparseUpdateState, new: SparseUpdateState, leaves: list[Any]) -> Any:
+    sizes = [math.prod(jnp.shape(x)) for x in leaves]
     old_sel, sel_def = jax.tree.flatten(old.selected)
     new_sel = jax.tree.leaves(new.selected)
     if len(old_sel) != len(new_sel) or len(sizes) != len(new_sel):
@@ -89,7 +111,8 @@ def _relayout_sparse(old: SparseUpdateState, new: SparseUpdateState, sizes: list
     if not any(changed) or old_sel[0].dtype == jnp.bool_:
         return jax.tree.map(_place, old, new)
     moves = [
-        _moves(o, n, size) if c else None for o, n, size, c in zip(old_sel, new_sel, sizes, changed)
+        _moves(o, n, size, _flat_values(x)) if c else None
+        for o, n, size, x, c in zip(old_sel, new_sel, sizes, leaves, changed)
     ]
     shapes_old = [o.shape for o in old_sel]
 
@@ -104,7 +127,7 @@ def _relayout_sparse(old: SparseUpdateState, new: SparseUpdateState, sizes: list
         if not is_node(o_node):
             return _place(o_node, n_node)
         values = [
-            _move(v, f, m) if m is not None else _place(v, f)
+            _place(_move(v, f, m), f) if m is not None else _place(v, f)
             for v, f, m in zip(jax.tree.leaves(o_node), jax.tree.leaves(n_node), moves)
         ]
         return jax.tree.unflatten(sel_def, values)
@@ -156,8 +179,10 @@ def relayout(
     What carries over: every step counter, every dense leaf's state, and the state of
     each sparse leaf whose layout is unchanged, exactly. For a re-chunked leaf, the
     selected entries are translated to the new chunks (an entry keeps its moments and
-    age; where a new chunk receives more old entries than it holds, the extra ones at
-    the end of the chunk start fresh), and the next update re-selects every sparse leaf
+    age; where a new chunk receives more old entries than it holds, it keeps those with
+    the smallest ``|w|``, which are the ones the default criterion re-selects; this
+    reads the leaf in row-major order, exact unless layer axes were declared at
+    non-leading positions), and the next update re-selects every sparse leaf
     (a refresh: entries that stay selected keep their moments, as at any refresh). All
     arrays take the shardings of ``tx.init(params)``.
 
@@ -187,20 +212,16 @@ def relayout(
             "relayout: `state` does not have the structure of `tx.init(params)`; was it "
             "made by the same optimizer for the same parameter tree?"
         )
-    box_def, boxes = transform.box_tree(params)
+    box_def, boxes = box_tree(params)
 
-    def sizes_for(new: SparseUpdateState) -> list[int]:
-        """Entries per sparse leaf, in the order of ``jax.tree.leaves(new.selected)``."""
+    def sparse_leaves(new: SparseUpdateState) -> list[Any]:
+        """The sparse parameter leaves, in the order of ``jax.tree.leaves(new.selected)``."""
         flat = box_def.flatten_up_to(new.selected)
-        return [
-            math.prod(jnp.shape(jax.tree.leaves(b)[0]))
-            for x, b in zip(flat, boxes)
-            if x is not None
-        ]
+        return [jax.tree.leaves(b)[0] for x, b in zip(flat, boxes) if x is not None]
 
     def convert(old: Any, new: Any) -> Any:
         if isinstance(new, SparseUpdateState):
-            return _relayout_sparse(old, new, sizes_for(new))
+            return _relayout_sparse(old, new, sparse_leaves(new))
         if isinstance(new, (MagnitudeMaskState, MaskedApplyState)):
             return _relayout_mask(old, new)
         return _place(old, new)

@@ -1,61 +1,52 @@
-"""The NanoAdam transformations and their states.
+"""The sparse update: :func:`sparse_update` and its state, :class:`SparseUpdateState`.
 
-Three optax ``GradientTransformation`` factories live here:
+:func:`sparse_update` wraps any element-wise optax transformation (``scale_by_adam``,
+``scale_by_lion``...) so that it only ever sees, stores state for and updates the
+selected entries: one selection per refresh, inner state of ``k`` values per chunk.
 
-* :func:`sparse_update` wraps any element-wise optax transformation (``scale_by_adam``,
-  ``scale_by_lion``...) so that it only ever sees, stores state for and updates the
-  selected entries: one selection per refresh, inner state of ``k`` values per chunk.
-* :func:`magnitude_mask` (alias :func:`mask`) zeroes the gradient outside the
-  selection: *gradient masking only*. Chained before ``optax.adam`` it does **not**
-  guarantee zero updates outside the mask, because Adam keeps momentum for entries
-  that left the selection.
-* :func:`masked_apply` zeroes the updates outside the selection: it closes a spelled
-  out pipeline ``magnitude_mask -> scale_by_adam -> masked_apply -> lr``.
-
-Where the parts live: the chunked state layout in :mod:`nanoadam_jax.layout`, the
-selection rule in :mod:`nanoadam_jax.selection`, density schedules in
-:mod:`nanoadam_jax.schedules`, the refresh rule and what a refresh does to the state in
-:mod:`nanoadam_jax.refresh`, which leaves are sparse in :mod:`nanoadam_jax.labels`.
-This module wires them into optax transformations.
+Where the parts live: the validated arguments in :mod:`nanoadam_jax.config`, the chunked
+state layout in :mod:`nanoadam_jax.layout`, the selection rule in
+:mod:`nanoadam_jax.selection`, density schedules in :mod:`nanoadam_jax.schedules`, when a
+refresh happens and what it does to the inner state in :mod:`nanoadam_jax.refresh`, which
+leaves are sparse in :mod:`nanoadam_jax.labels`, the masking transformations in
+:mod:`nanoadam_jax.masking`. This module is the update: gather, inner, scatter.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from nanoadam_jax import _checks, _rows, layout, refresh, schedules, selection
-from nanoadam_jax._sharding import explicit_sharding, known_sharding
-from nanoadam_jax.labels import DENSE, SPARSE, Labels, _num_positional, label_params
-from nanoadam_jax.layout import LeafLayout, SelectionDimensionNumbers
+from nanoadam_jax import _checks, _rows, layout, refresh, selection
+from nanoadam_jax._sharding import explicit_sharding
+from nanoadam_jax._tree import box_tree, positions, require_params, subtree, zero_update
+from nanoadam_jax.config import (
+    SCOPES,
+    Density,
+    DimensionNumbers,
+    SelectionConfig,
+    init_layouts,
+    selection_args,
+    stored_layouts,
+)
+from nanoadam_jax.labels import DENSE, SPARSE, Labels, label_params
 
 __all__ = [
-    "REFRESH_POLICIES",
-    "SCOPES",
     "AGE_ARG",
-    "box_tree",
     "AGE_MAX",
     "LEAVES_ARG",
+    "REFRESH_POLICIES",
+    "SCOPES",
     "STEP_ARG",
-    "MagnitudeMaskState",
-    "MaskedApplyState",
     "SparseUpdateState",
-    "magnitude_mask",
-    "mask",
-    "masked_apply",
     "sparse_update",
 ]
 
 REFRESH_POLICIES = refresh.REFRESH_POLICIES
-#: Accepted values of ``scope``: ``k`` per chunk (default; the paper's code), per layer of
-#: a leaf (exact per-tensor ``k``), or one threshold over all sparse leaves.
-SCOPES = ("chunk", "leaf", "global")
 #: Name of the extra argument with which :func:`sparse_update` passes its step counter
 #: (``sparse_step``, never reset by a refresh) to ``inner.update``; transformations that
 #: do not know it ignore it (optax's convention for extra arguments).
@@ -75,9 +66,6 @@ AGE_MAX = 0xFFFF
 #: Lets an inner transformation apply a per-leaf choice made on the full parameters (e.g.
 #: ``nanoadamw``'s weight-decay ``mask``).
 LEAVES_ARG = "nanoadam_leaves"
-
-Density = float | jax.Array | Callable[[jax.Array], jax.Array]
-DimensionNumbers = layout.DimensionNumbers
 
 
 class SparseUpdateState(NamedTuple):
@@ -106,569 +94,6 @@ class SparseUpdateState(NamedTuple):
     sparse_age: Any
     sparse_inner_state: optax.OptState
     dense_inner_state: optax.OptState
-
-
-class MagnitudeMaskState(NamedTuple):
-    """State of :func:`magnitude_mask`.
-
-    Attributes:
-      mask_step: int32 update counter.
-      mask_density: float32 density of the current mask.
-      mask: per sparse leaf a bool mask with the leaf's shape (``None`` elsewhere).
-      chunk_grid: per sparse leaf an empty ``(*layer_axes, *chunk_grid, 0)`` array whose
-        shape records the chunking chosen at ``init`` (``None`` elsewhere).
-    """
-
-    mask_step: jax.Array
-    mask_density: jax.Array
-    mask: Any
-    chunk_grid: Any
-
-
-class MaskedApplyState(NamedTuple):
-    """State of :func:`masked_apply`.
-
-    Attributes:
-      apply_step: int32 update counter.
-      apply_density: float32 density of the current mask.
-      apply_mask: per sparse leaf a bool mask (``None`` for dense and frozen leaves).
-      chunk_grid: as in :class:`MagnitudeMaskState`.
-    """
-
-    apply_step: jax.Array
-    apply_density: jax.Array
-    apply_mask: Any
-    chunk_grid: Any
-
-
-# --------------------------------------------------------------------------------------
-# Pytree helpers.
-# --------------------------------------------------------------------------------------
-
-
-def _positions(labels: list[str], label: str) -> list[int]:
-    return [i for i, lab in enumerate(labels) if lab == label]
-
-
-def _subtree(treedef: Any, n_leaves: int, items: Sequence[tuple[int, Any]]) -> Any:
-    """A tree with the given leaves at their positions and ``None`` elsewhere."""
-    leaves: list[Any] = [None] * n_leaves
-    for i, x in items:
-        leaves[i] = x
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _is_box(x: Any) -> bool:
-    """A metadata box around one array (``flax.nnx.Variable``, ``flax.linen.Partitioned``)."""
-    return (hasattr(x, "get_metadata") and hasattr(x, "get_value")) or hasattr(x, "unbox")
-
-
-def _boxes(params: Any) -> tuple[Any, list[Any]]:
-    """``params``' structure with metadata boxes as leaves, and those leaves.
-
-    State that is not param-shaped (the compact buffers) uses this structure, so it
-    does not inherit e.g. a box's sharding names.
-    """
-    leaves, boxed = jax.tree.flatten(params, is_leaf=_is_box)
-    if len(leaves) != jax.tree.structure(params).num_leaves:
-        return jax.tree.structure(params), jax.tree.leaves(params)
-    return boxed, leaves
-
-
-def box_tree(params: Any) -> tuple[Any, list[Any]]:
-    """``params``' structure and leaves with Flax metadata boxes (``nnx.Variable``,
-    ``nn.Partitioned``) kept whole: the structure the compact state's trees are built on
-    (``SparseUpdateState.selected``, the sparse inner state), so
-    ``treedef.flatten_up_to(state.selected)`` lines up with the leaves."""
-    return _boxes(params)
-
-
-def _zero_update(u: Any) -> Any:
-    if u is None or getattr(u, "dtype", None) == jax.dtypes.float0:
-        return u
-    return jnp.zeros_like(u)
-
-
-def _require_params(params: Any, name: str) -> None:
-    if params is None:
-        raise ValueError(
-            f"{name} selects entries by the magnitude of the parameters: call "
-            "`update(updates, state, params)` with the current parameters"
-        )
-
-
-# --------------------------------------------------------------------------------------
-# Validated configuration shared by the three factories.
-# --------------------------------------------------------------------------------------
-
-
-class _Config:
-    """The selection arguments, validated, and the per-leaf decisions built on them."""
-
-    def __init__(
-        self,
-        density: Density,
-        mask_interval: Any,
-        scope: str,
-        chunk_size: Any,
-        criterion: str,
-        labels: Labels,
-        seed: Any,
-        max_density: Any,
-        dimension_numbers: DimensionNumbers,
-        layer_axis_names: Sequence[str],
-    ):
-        _checks.check_positive_int("mask_interval", mask_interval)
-        if scope == "block":
-            raise ValueError(
-                "`scope`='block' was replaced by the default scope='chunk' (exactly k per "
-                "chunk of `chunk_size` entries); pass chunk_size=... to set the length"
-            )
-        _checks.check_choice("scope", scope, SCOPES)
-        if scope != "chunk" and chunk_size is not None:
-            raise ValueError(f"`chunk_size` applies to scope='chunk' only, got scope={scope!r}")
-        _checks.check_choice("criterion", criterion, selection.CRITERIA)
-        if chunk_size is not None and _checks.is_concrete(chunk_size):
-            chunk_size = _checks.check_static_positive_int("chunk_size", chunk_size)
-        # (A traced chunk_size is refused at init, where it would size the state; update
-        # reads the chunking from the state.)
-        if max_density is not None and _checks.is_concrete(max_density):
-            _checks.check_density("max_density", max_density)
-            max_density = float(np.asarray(max_density))
-        if isinstance(seed, bool) or (
-            _checks.is_concrete(seed) and not np.issubdtype(np.asarray(seed).dtype, np.integer)
-        ):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}")
-        if (
-            layer_axis_names is None
-            or isinstance(layer_axis_names, str)
-            or not hasattr(layer_axis_names, "__iter__")
-        ) or not all(isinstance(n, str) for n in layer_axis_names):
-            raise ValueError(
-                f"`layer_axis_names` must be a sequence of axis names, got {layer_axis_names!r}"
-            )
-        if callable(density):
-            self.density_fn = lambda step: jnp.asarray(density(step), jnp.float32)
-        else:
-            _checks.check_density("density", density)
-            self.density_fn = lambda step: jnp.asarray(density, jnp.float32)
-        self.density = density
-        self.max_density = max_density
-        self.mask_interval = mask_interval
-        self.scope = scope
-        self.chunk_size = chunk_size
-        self.criterion = criterion
-        self.labels = labels
-        self.seed = seed
-        self.dimension_numbers = dimension_numbers
-        self.layer_axis_names = tuple(layer_axis_names)
-
-    # -- sizing (init) ----------------------------------------------------------------
-
-    def init_max_density(self) -> float:
-        """The largest density the state must hold, decided at ``init``."""
-        if self.chunk_size is not None and not _checks.is_concrete(self.chunk_size):
-            raise ValueError(
-                "`chunk_size` is traced when the state is created (it sizes the state): "
-                "with optax.inject_hyperparams pass static_args=('chunk_size',)"
-            )
-        given = self.max_density
-        if given is not None and not _checks.is_concrete(given):
-            raise ValueError(
-                "`max_density` is traced at init: it must be a number known when the "
-                "state is created (it sizes the state)"
-            )
-        density = self.density
-        if callable(density):
-            largest = schedules.schedule_max(density)
-        elif _checks.is_concrete(density):
-            largest = float(np.asarray(density))
-        elif given is None:
-            raise ValueError(
-                "`density` is traced when the optimizer state is created (e.g. init under "
-                "jax.vmap over densities), so the state cannot be sized from it: pass "
-                "`max_density` (a Python float, the largest density of the grid)"
-            )
-        else:
-            largest = given
-        if given is not None:
-            if largest > given + 1e-7:
-                raise ValueError(
-                    f"`max_density`={given} is below the density's largest value {largest}"
-                )
-            largest = given
-        return largest
-
-    def batch_axes(self, params: Any, boxes: list[Any], at_init: bool) -> list[tuple[int, ...]]:
-        """The layer axes of every leaf: declared, else (at init) from Flax metadata."""
-        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-        dims = self.dimension_numbers
-        if dims is None:
-            declared = [None] * len(leaves_with_path)
-        elif isinstance(dims, SelectionDimensionNumbers):
-            declared = [dims] * len(leaves_with_path)
-        elif callable(dims) and _num_positional(dims) == 2:
-            declared = [dims(path, leaf) for path, leaf in leaves_with_path]
-        else:
-            tree = dims(params) if callable(dims) else dims
-            try:
-                declared = treedef.flatten_up_to(tree)
-            except (ValueError, TypeError) as e:
-                raise ValueError(
-                    "`dimension_numbers` must be a SelectionDimensionNumbers, a tree of them "
-                    f"(None for the default) with the structure of the parameters, or a "
-                    f"callable returning one; {e}"
-                ) from e
-        out = []
-        for (path, leaf), dn, box in zip(leaves_with_path, declared, boxes):
-            ndim = len(leaf.shape)
-            where = jax.tree_util.keystr(path)
-            if dn is not None:
-                if not isinstance(dn, SelectionDimensionNumbers):
-                    raise ValueError(
-                        f"`dimension_numbers` for {where} must be a "
-                        f"SelectionDimensionNumbers or None, got {dn!r}"
-                    )
-                try:
-                    axes = {int(a) % ndim for a in dn.axes} if ndim else set()
-                except (TypeError, ZeroDivisionError) as e:
-                    raise ValueError(f"bad `dimension_numbers` for {where}: {dn!r}") from e
-                if any(not -ndim <= int(a) < ndim for a in dn.axes) or not axes:
-                    raise ValueError(
-                        f"`dimension_numbers` for {where} (shape {tuple(leaf.shape)}) must "
-                        f"name at least one valid axis, got {dn!r}"
-                    )
-                out.append(tuple(a for a in range(ndim) if a not in axes))
-                continue
-            found = layout.layer_axes_from_metadata(box, self.layer_axis_names) if at_init else ()
-            if found and found != tuple(range(len(found))):
-                raise ValueError(
-                    f"{where}: the layer axes {found} found in its metadata are not the leading "
-                    "axes; declare them with `dimension_numbers` (SelectionDimensionNumbers)"
-                )
-            out.append(found)
-        return out
-
-    def key(self, step: jax.Array, seed: Any) -> jax.Array | None:
-        if self.criterion != "random":
-            return None
-        return jax.random.fold_in(jax.random.PRNGKey(seed), step)
-
-    # -- selection --------------------------------------------------------------------
-
-    def positions(
-        self, lay: LeafLayout, view: jax.Array, density: jax.Array, key: jax.Array | None
-    ) -> jax.Array:
-        """Selected positions of one leaf (given as ``lay.view(x)``), ``(*grid, capacity)``.
-
-        On one device a large leaf is selected a block of chunks at a time
-        (``jax.lax.map``), so the refresh's scratch memory is that of one block, not a
-        few times the leaf (its keys, masks and running counts). On a mesh the whole
-        chunk grid is processed at once, each device on its own chunks. The random
-        criterion draws its keys for the whole leaf.
-        """
-        k = self.chunk_k(lay, density)
-        rows = math.prod(lay.grid)
-        block = max(1, _SELECTION_BLOCK_ENTRIES // max(1, lay.chunk))
-        if jax.device_count() == 1 and key is None and rows > block and lay.capacity:
-
-            def select_rows(r):
-                keys = selection.selection_keys(r, self.criterion, None)
-                return selection.chunk_positions(keys, k, lay.capacity)
-
-            flat = view.reshape(rows, lay.chunk)
-            out = jax.lax.map(select_rows, flat, batch_size=block)
-            return out.reshape(lay.state_shape).astype(lay.index_dtype)
-        keys = selection.selection_keys(view, self.criterion, key)
-        return selection.chunk_positions(keys, k, lay.capacity).astype(lay.index_dtype)
-
-    def chunk_k(self, lay: LeafLayout, density: jax.Array) -> Any:
-        """Entries selected per chunk: the rounding rule, capped at the capacity."""
-        if isinstance(self.density, (int, float)) and self.max_density is None:
-            return lay.capacity  # static: the capacity is exactly k
-        k = selection.num_selected(lay.chunk, density)
-        return jnp.minimum(k, jnp.int32(lay.capacity))
-
-    def padded(self) -> bool:
-        """True when fewer than ``capacity`` entries may be selected (padding slots)."""
-        return not (isinstance(self.density, (int, float)) and self.max_density is None)
-
-
-def _init_layouts(config: _Config, params: Any, sparse: list[int]) -> dict[int, LeafLayout]:
-    """Per sparse leaf (by flat position), its layout decided from shapes and metadata."""
-    _, boxes = _boxes(params)
-    leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
-    axes = config.batch_axes(params, boxes, at_init=True)
-    max_density = config.init_max_density()
-    out = {}
-    for i in sparse:
-        path, p = leaves_with_path[i]
-        out[i] = layout.leaf_layout(
-            p.shape,
-            batch_axes=axes[i],
-            scope=config.scope,
-            chunk_size=config.chunk_size,
-            max_density=max_density,
-            sharding=known_sharding(p),
-            path=jax.tree_util.keystr(path),
-        )
-    return out
-
-
-def _update_layouts(
-    config: _Config, params: Any, sparse: list[int], stored: list[Any]
-) -> dict[int, LeafLayout]:
-    """Per sparse leaf, its layout read back from the state (shapes chosen at init)."""
-    _, boxes = _boxes(params)
-    leaves = jax.tree.leaves(params)
-    axes = config.batch_axes(params, boxes, at_init=False)
-    return {
-        i: layout.layout_from_state(leaves[i].shape, axes[i], stored[i].shape, stored[i].dtype)
-        for i in sparse
-    }
-
-
-def _state_array(lay: LeafLayout, fill: int, dtype: Any, like: Any) -> jax.Array:
-    """A ``(*grid, capacity)`` array, sharded like the leaf's rows when that is known."""
-    sharding = None
-    ps = known_sharding(like)
-    if lay.spec is not None and ps is not None:
-        sharding = jax.sharding.NamedSharding(ps.mesh, jax.sharding.PartitionSpec(*lay.spec, None))
-    if isinstance(like, jax.core.Tracer):
-        # Under jit/eval_shape the sharding is known only in explicit mode (then set it).
-        return jnp.full(lay.state_shape, fill, dtype, out_sharding=sharding)
-    return jnp.full(lay.state_shape, fill, dtype, device=sharding)
-
-
-# --------------------------------------------------------------------------------------
-# magnitude_mask / masked_apply: full-size bool masks.
-# --------------------------------------------------------------------------------------
-
-
-def _mask_init(config: _Config, params: Any) -> tuple[Any, ...]:
-    leaves, treedef = jax.tree.flatten(params)
-    labels = treedef.flatten_up_to(label_params(params, config.labels))
-    sparse = _positions(labels, SPARSE)
-    masks = [(i, jnp.zeros_like(leaves[i], dtype=bool)) for i in sparse]
-    grids = []
-    config.init_max_density()  # validates the density (a schedule's range) for every scope
-    if config.scope != "global":
-        lays = _init_layouts(config, params, sparse)
-        grids = [(i, jnp.zeros((*lays[i].grid, 0), jnp.int32)) for i in sparse]
-    sdef, _ = _boxes(params)
-    return (
-        jnp.zeros([], jnp.int32),
-        jnp.zeros([], jnp.float32),
-        _subtree(treedef, len(leaves), masks),
-        _subtree(sdef, len(leaves), grids),
-    )
-
-
-def _masks_from_positions(lay: LeafLayout, pos: jax.Array) -> jax.Array:
-    ones = jnp.ones(pos.shape, jnp.int32)
-    hit = _rows.scatter_add_rows(jnp.zeros((*lay.grid, lay.chunk), jnp.int32), pos, ones)
-    return lay.unview(hit > 0)
-
-
-def _mask_update(config: _Config, updates: Any, state: tuple[Any, ...], params: Any):
-    """Refresh the masks if due, and apply them (and the labels) to ``updates``."""
-    step, current, masks, grids = state
-    leaves, treedef = jax.tree.flatten(params)
-    labels = treedef.flatten_up_to(label_params(params, config.labels))
-    sparse = _positions(labels, SPARSE)
-    sdef, _ = _boxes(params)
-    density = config.density_fn(step)
-    due = refresh.refresh_due(step, config.mask_interval, density, current)
-    if config.scope != "global":
-        stored = sdef.flatten_up_to(grids)
-        axes = config.batch_axes(params, _boxes(params)[1], at_init=False)
-        lays = {
-            i: layout.layout_from_state(leaves[i].shape, axes[i], stored[i].shape, jnp.int32)
-            for i in sparse
-        }
-
-    def select(op):
-        xs, density, step, seed = op
-        key = config.key(step, seed)
-        if config.scope == "global":
-            return selection.select_global_masks(xs, density, criterion=config.criterion, key=key)
-        out = []
-        for j, (i, x) in enumerate(zip(sparse, xs)):
-            leaf_key = None if key is None else jax.random.fold_in(key, j)
-            out.append(layout.selection_mask(lays[i], x, density, config.criterion, leaf_key))
-        return out
-
-    old = treedef.flatten_up_to(masks)
-    new = refresh.cond(
-        due,
-        lambda op: select(op[0]),
-        lambda op: op[1],
-        (([leaves[i] for i in sparse], density, step, config.seed), [old[i] for i in sparse]),
-    )
-    flat_masks = list(old)
-    for i, m in zip(sparse, new):
-        flat_masks[i] = m
-    flat_updates = treedef.flatten_up_to(updates)
-    out = []
-    for i, (u, lab) in enumerate(zip(flat_updates, labels)):
-        if lab == SPARSE:
-            out.append(jnp.where(flat_masks[i], u, jnp.zeros_like(u)))
-        elif lab == DENSE:
-            out.append(u)
-        else:
-            out.append(_zero_update(u))
-    new_masks = jax.tree_util.tree_unflatten(treedef, flat_masks)
-    return (
-        jax.tree_util.tree_unflatten(treedef, out),
-        (optax.safe_int32_increment(step), density, new_masks, grids),
-    )
-
-
-def magnitude_mask(
-    density: Density = 0.1,
-    mask_interval: int = 100,
-    *,
-    scope: str = "chunk",
-    chunk_size: int | None = None,
-    criterion: str = "smallest",
-    labels: Labels = None,
-    dimension_numbers: DimensionNumbers = None,
-    layer_axis_names: Sequence[str] = layout.LAYER_AXIS_NAMES,
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-    """Keep the gradient only at the selected (by default: smallest-magnitude) entries.
-
-    This is *gradient masking only*: in ``optax.chain(nanoadam.mask(...), optax.adam(lr))``
-    Adam still moves entries that left the selection, with their stale momentum. Close
-    the pipeline with :func:`masked_apply` (same arguments) to get exact zeros outside
-    the mask, or use :func:`sparse_update` / :func:`~nanoadam_jax.nanoadam`, which also
-    store moments only for the selected entries. Given the same selection arguments it
-    selects the same entries as :func:`sparse_update`, at the same steps.
-
-    Dense leaves (see :mod:`nanoadam_jax.labels`) pass through unchanged; frozen
-    leaves get zero updates.
-
-    Example:
-      >>> import jax.numpy as jnp, optax, nanoadam_jax as nanoadam
-      >>> params = {"w": jnp.array([0.1, -2.0, 0.3, 4.0])}
-      >>> tx = optax.chain(nanoadam.mask(density=0.5, mask_interval=10), optax.sgd(1.0))
-      >>> state = tx.init(params)
-      >>> updates, state = tx.update({"w": jnp.ones(4)}, state, params)
-      >>> updates["w"].tolist()
-      [-1.0, -0.0, -1.0, -0.0]
-
-    Args:
-      density: fraction of each chunk to select, in ``(0, 1]``, or a schedule
-        ``step -> density`` (see :mod:`nanoadam_jax.schedules`). May be traced.
-      mask_interval: refresh the mask every this many steps (positive int).
-      scope: ``"chunk"``, ``"leaf"`` or ``"global"``; see :func:`sparse_update`.
-      chunk_size: target chunk length; see :func:`sparse_update`.
-      criterion: ``"smallest"`` ``|w|`` (the paper), ``"largest"`` or ``"random"``
-        (seeded by ``seed``, new at each refresh) for ablations.
-      labels: which leaves are sparse, dense or frozen; see :mod:`nanoadam_jax.labels`.
-      dimension_numbers: layer axes; see :func:`sparse_update`.
-      layer_axis_names: metadata names of layer axes; see :func:`sparse_update`.
-      seed: seed of ``criterion="random"``.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``.
-    """
-    config = _Config(
-        density,
-        mask_interval,
-        scope,
-        chunk_size,
-        criterion,
-        labels,
-        seed,
-        1.0,
-        dimension_numbers,
-        layer_axis_names,
-    )
-
-    def init_fn(params):
-        return MagnitudeMaskState(*_mask_init(config, params))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        _require_params(params, "magnitude_mask")
-        out, new = _mask_update(config, updates, tuple(state), params)
-        return out, MagnitudeMaskState(*new)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-#: Alias of :func:`magnitude_mask`, as users write it in ``optax.chain``.
-mask = magnitude_mask
-
-
-def masked_apply(
-    density: Density = 0.1,
-    mask_interval: int = 100,
-    *,
-    scope: str = "chunk",
-    chunk_size: int | None = None,
-    criterion: str = "smallest",
-    labels: Labels = None,
-    dimension_numbers: DimensionNumbers = None,
-    layer_axis_names: Sequence[str] = layout.LAYER_AXIS_NAMES,
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-    """Zero the updates outside the selection: closes a spelled-out NanoAdam pipeline.
-
-    Give it the same selection arguments as the :func:`magnitude_mask` before it; it
-    then recomputes the same mask at the same steps, so the pipeline
-
-    ``optax.chain(magnitude_mask(...), optax.scale_by_adam(), masked_apply(...),
-    optax.scale_by_learning_rate(lr))``
-
-    moves exactly the selected entries, with stale momentum of deselected entries
-    cut off. (It keeps full-size Adam moments: prefer :func:`~nanoadam_jax.nanoadam`
-    for the memory saving.)
-
-    Example:
-      >>> import jax.numpy as jnp, optax, nanoadam_jax as nanoadam
-      >>> kw = dict(density=0.5, mask_interval=10)
-      >>> tx = optax.chain(nanoadam.magnitude_mask(**kw), optax.scale_by_adam(),
-      ...                  nanoadam.masked_apply(**kw), optax.scale_by_learning_rate(0.1))
-      >>> params = {"w": jnp.array([0.1, -2.0, 0.3, 4.0])}
-      >>> updates, _ = tx.update({"w": jnp.ones(4)}, tx.init(params), params)
-      >>> [round(u, 3) + 0.0 for u in updates["w"].tolist()]
-      [-0.1, 0.0, -0.1, 0.0]
-
-    Args: the same as :func:`magnitude_mask`.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``.
-    """
-    config = _Config(
-        density,
-        mask_interval,
-        scope,
-        chunk_size,
-        criterion,
-        labels,
-        seed,
-        1.0,
-        dimension_numbers,
-        layer_axis_names,
-    )
-
-    def init_fn(params):
-        return MaskedApplyState(*_mask_init(config, params))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        _require_params(params, "masked_apply")
-        out, new = _mask_update(config, updates, tuple(state), params)
-        return out, MaskedApplyState(*new)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------------------
-# sparse_update: the inner transformation sees only the selected entries.
-# --------------------------------------------------------------------------------------
 
 
 class _Moments:
@@ -831,18 +256,7 @@ def sparse_update(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
-    config = _Config(
-        density,
-        mask_interval,
-        scope,
-        chunk_size,
-        criterion,
-        labels,
-        seed,
-        max_density,
-        dimension_numbers,
-        layer_axis_names,
-    )
+    config = SelectionConfig(**selection_args(locals()))
     _checks.check_choice("refresh_policy", refresh_policy, REFRESH_POLICIES)
     if not isinstance(inner, optax.GradientTransformation):
         raise ValueError(f"`inner` must be an optax.GradientTransformation, got {inner!r}")
@@ -859,38 +273,36 @@ def sparse_update(
 _GROUP_ENTRIES = 1 << 22
 #: Leaves above this many entries are never stacked (their refresh runs on the leaf).
 _STACKED_LEAF_ENTRIES = 1 << 20
-#: Entries selected at once on one device (a block of chunks of a large leaf).
-_SELECTION_BLOCK_ENTRIES = 1 << 20
 
 
 class _Leaves:
     """One call's view of the parameters: flat leaves, labels, layouts, tree builders."""
 
-    def __init__(self, config: _Config, params: Any, compact: bool, stored: Any = None):
+    def __init__(self, config: SelectionConfig, params: Any, compact: bool, stored: Any = None):
         self.leaves, self.treedef = jax.tree.flatten(params)
-        self.bdef, self.boxes = _boxes(params)
+        self.bdef, self.boxes = box_tree(params)
         self.n = len(self.leaves)
         labels = self.treedef.flatten_up_to(label_params(params, config.labels))
         self.labels = labels
-        self.sparse = _positions(labels, SPARSE)
-        self.dense = _positions(labels, DENSE)
+        self.sparse = positions(labels, SPARSE)
+        self.dense = positions(labels, DENSE)
         # Compact state lives in a box-free tree; the global scope's mirrors the params.
         self.sdef = self.bdef if compact else self.treedef
         self.compact = compact
         if not compact:
             self.lays = {}
         elif stored is None:
-            self.lays = _init_layouts(config, params, self.sparse)
+            self.lays = init_layouts(config, params, self.sparse)
         else:
             flat = self.sdef.flatten_up_to(stored)
-            self.lays = _update_layouts(config, params, self.sparse, flat)
+            self.lays = stored_layouts(config, params, self.sparse, flat)
 
     def state_tree(self, items: Sequence[tuple[int, Any]]) -> Any:
-        return _subtree(self.sdef, self.n, items)
+        return subtree(self.sdef, self.n, items)
 
     def dense_tree(self, flat: Sequence[Any]) -> Any:
         """The dense leaves of a box-level flat list, ``None`` elsewhere."""
-        return _subtree(self.bdef, self.n, [(i, flat[i]) for i in self.dense])
+        return subtree(self.bdef, self.n, [(i, flat[i]) for i in self.dense])
 
     def view(self, i: int, x: jax.Array) -> jax.Array:
         return self.lays[i].view(x) if self.compact else x
@@ -901,7 +313,7 @@ class _SparseUpdate:
 
     def __init__(
         self,
-        config: _Config,
+        config: SelectionConfig,
         inner: optax.GradientTransformationExtraArgs,
         refresh_policy: str,
         moment_dtype: Any,
@@ -920,13 +332,21 @@ class _SparseUpdate:
         t = _Leaves(self.config, params, self.compact)
         if self.compact:
             sel = [
-                (i, _state_array(t.lays[i], t.lays[i].chunk, t.lays[i].index_dtype, t.leaves[i]))
+                (
+                    i,
+                    layout.state_array(
+                        t.lays[i], t.lays[i].chunk, t.lays[i].index_dtype, t.leaves[i]
+                    ),
+                )
                 for i in t.sparse
             ]
             vecs = [
-                (i, _state_array(t.lays[i], 0, t.leaves[i].dtype, t.leaves[i])) for i in t.sparse
+                (i, layout.state_array(t.lays[i], 0, t.leaves[i].dtype, t.leaves[i]))
+                for i in t.sparse
             ]
-            ages = [(i, _state_array(t.lays[i], 0, jnp.uint16, t.leaves[i])) for i in t.sparse]
+            ages = [
+                (i, layout.state_array(t.lays[i], 0, jnp.uint16, t.leaves[i])) for i in t.sparse
+            ]
         else:
             self.config.init_max_density()  # validates the density
             sel = [(i, jnp.zeros_like(t.leaves[i], dtype=bool)) for i in t.sparse]
@@ -989,7 +409,9 @@ class _SparseUpdate:
 
             def positions(x, ordinal, lay=lay):
                 leaf_key = None if key is None else jax.random.fold_in(key, ordinal)
-                return self.config.positions(lay, x, density, leaf_key)
+                return refresh.select_positions(
+                    lay, x, self.config.chunk_k(lay, density), self.config.criterion, leaf_key
+                )
 
             if len(members) == 1:
                 previous = out[members[0]] = positions(group[0], members[0])
@@ -1179,7 +601,7 @@ class _SparseUpdate:
         return {i: jax.tree.leaves(flat[i])[0] for i in t.dense}, self.moments.store(inner_state)
 
     def update(self, updates: Any, state: SparseUpdateState, params: Any = None, **extra_args):
-        _require_params(params, "sparse_update")
+        require_params(params, "sparse_update")
         t = _Leaves(self.config, params, self.compact, stored=state.selected)
         flat_updates = t.treedef.flatten_up_to(updates)
         step = state.sparse_step
@@ -1188,7 +610,7 @@ class _SparseUpdate:
         kw = {**extra_args, STEP_ARG: step}
         selected, age = state.selected, state.sparse_age
         sparse_state = state.sparse_inner_state
-        out: list[Any] = [_zero_update(u) for u in flat_updates]
+        out: list[Any] = [zero_update(u) for u in flat_updates]
         if t.sparse:
             xs = [t.view(i, t.leaves[i]) for i in t.sparse]
             selected, age, sparse_state = refresh.cond(

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import nanoadam_jax as nanoadam
 
@@ -141,26 +140,25 @@ def test_bf16_moments_keep_unit_steps():
 
 
 def test_stacked_layers_have_one_age_per_layer_slot():
-    class Block(nnx.Module):
-        def __init__(self, rngs):
-            init = nnx.with_partitioning(nnx.initializers.normal(1.0), (None, None))
-            self.kernel = nnx.Param(init(rngs.params(), (32, 32)))
-
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(key):
-        return Block(nnx.Rngs(key))
-
-    model = make(jax.random.split(jax.random.key(0), 3))
-    params = nnx.state(model, nnx.Param)
-    tx = nanoadam.nanoadam(LR, density=0.1, mask_interval=2)
+    rng = np.random.default_rng(2)
+    params = {"blocks": jnp.asarray(rng.normal(size=(3, 32, 32)), jnp.float32)}
+    dims = nanoadam.SelectionDimensionNumbers(axes=(1, 2))
+    tx = nanoadam.nanoadam(LR, density=0.1, mask_interval=2, dimension_numbers=dims)
     state = tx.init(params)
-    age = jax.tree.leaves(state[0].sparse_age)[0]
-    sel = jax.tree.leaves(state[0].selected)[0]
+    age, sel = state[0].sparse_age["blocks"], state[0].selected["blocks"]
     assert age.shape == sel.shape and age.shape[0] == 3
-    g = jax.tree.map(jnp.ones_like, params)
+    g = {"blocks": jnp.ones((3, 32, 32))}
     for _ in range(3):
         _, state = tx.update(g, state, params)
-    assert int(jax.tree.leaves(state[0].sparse_age)[0].max()) == 1  # refreshed at step 2
+    # The refresh at step 2 re-selects the same entries (the parameters did not move):
+    # they keep their ages, 3 updates each, in every layer.
+    np.testing.assert_array_equal(np.asarray(state[0].sparse_age["blocks"]), 3)
+    params = {"blocks": params["blocks"].at[1].multiply(100.0).at[1, 0].set(0.0)}
+    for _ in range(2):  # refresh at step 4: layer 1's row 0 is now the smallest
+        _, state = tx.update(g, state, params)
+    age = np.asarray(state[0].sparse_age["blocks"])
+    assert age[0].min() == 5 and age[2].min() == 5  # other layers: no change
+    assert age[1].min() == 1  # entered at step 4, one update since
 
 
 def test_vmap_over_densities_keeps_ages_per_run():

@@ -108,14 +108,15 @@ def test_linen_train_state_changes_exactly_k_entries_per_step():
 
 
 def test_nnx_optimizer_changes_exactly_k_entries_per_chunk():
-    """Kernels of several chunks (``chunk_size=64``: chunks of 2 rows of 32): every chunk
-    moves exactly ``k = round(0.1 * 64) = 6`` entries per step, across refreshes."""
+    """Kernels of several chunks (``chunk_size=64``: chunks of one row of 32, since 8 rows
+    split over 8 devices leave one per shard): every chunk moves exactly
+    ``k = round(0.1 * 32) = 3`` entries per step, across refreshes."""
     model = Mlp(nnx.Rngs(0))
     tx = nanoadam.nanoadamw(1e-2, density=0.1, mask_interval=3, chunk_size=64)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     state = optimizer.opt_state[0]
-    chex.assert_shape(state.selected["hidden"]["kernel"].get_value(), (4, 6))
-    chex.assert_shape(state.sparse_inner_state[0].mu["hidden"]["kernel"].get_value(), (4, 6))
+    chex.assert_shape(state.selected["hidden"]["kernel"].get_value(), (8, 3))
+    chex.assert_shape(state.sparse_inner_state[0].mu["hidden"]["kernel"].get_value(), (8, 3))
     assert state.selected["hidden"]["kernel"].get_value().dtype == jnp.uint16
     chex.assert_shape(state.selected["hidden"]["bias"].get_value(), (3,))  # one chunk of 32
     assert state.selected["head"]["kernel"] is None  # dense
@@ -128,8 +129,8 @@ def test_nnx_optimizer_changes_exactly_k_entries_per_chunk():
     for i in range(7):  # refreshes at steps 0, 3 and 6
         before = np.asarray(model.hidden.kernel.get_value())
         train_step(model, optimizer, *batch(i))
-        counts = changed_per_chunk(before, model.hidden.kernel.get_value(), 64)
-        np.testing.assert_array_equal(counts, [6, 6, 6, 6])
+        counts = changed_per_chunk(before, model.hidden.kernel.get_value(), 32)
+        np.testing.assert_array_equal(counts, [3] * 8)
     assert int(optimizer.opt_state[0].sparse_step.get_value()) == 7
 
 
@@ -144,7 +145,8 @@ def test_linen_train_state_changes_exactly_k_entries_per_chunk():
     params = net.init(jax.random.PRNGKey(0), jnp.ones((1, 8)))["params"]
     tx = nanoadam.nanoadam(1e-2, density=0.25, mask_interval=2, chunk_size=128)
     state = train_state.TrainState.create(apply_fn=net.apply, params=params, tx=tx)
-    chex.assert_shape(state.opt_state[0].selected["Dense_0"]["kernel"], (4, 32))
+    # 8 chunks of one 64-entry row (8 rows over 8 devices: one per shard), k = 16 each
+    chex.assert_shape(state.opt_state[0].selected["Dense_0"]["kernel"], (8, 16))
 
     @jax.jit
     def train_step(state, x, y):
@@ -155,7 +157,7 @@ def test_linen_train_state_changes_exactly_k_entries_per_chunk():
         before = jax.tree.map(np.asarray, state.params)
         state = train_step(state, *batch(i))
         counts = changed_per_chunk(
-            before["Dense_0"]["kernel"], state.params["Dense_0"]["kernel"], 128
+            before["Dense_0"]["kernel"], state.params["Dense_0"]["kernel"], 64
         )
-        np.testing.assert_array_equal(counts, [32] * 4)
+        np.testing.assert_array_equal(counts, [16] * 8)
         assert count_changed(before, state.params)["head/kernel"] == 128

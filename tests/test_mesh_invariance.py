@@ -289,22 +289,27 @@ def test_plan_reports_fsdp_leaves_as_mesh_independent(n):
     assert "mesh" in str(run.plan).lower()  # the table shows the new column
 
 
-def test_fsdp_bias_vectors_are_mesh_independent_too():
-    """1-D sparse leaves (biases: sparse by default) split along their only axis, as the
-    ``fsdp`` helper of docs/sharding.md does with every leaf whose first axis divides:
-    the same state on 1, 2, 4 and 8 devices (a mesh-independent chunking exists: chunks
-    of at most 24 entries for 384), and ``plan`` says so."""
+def test_small_sharded_leaves_are_flagged_and_replicated_ones_keep_the_promise():
+    """A leaf that fits in one chunk (a bias: sparse by default) is one chunk on one
+    device. Split across devices anyway, it must be re-chunked to fit the shards, so
+    ``plan`` flags it (``mesh_independent`` False: an FSDP split changes its layout).
+    Replicated, as docs/sharding.md's FSDP helper leaves small leaves, it keeps the
+    one-device layout on every mesh."""
     tx = nanoadam.nanoadam(1e-2, density=0.1, mask_interval=2)
     params = {"bias_384": np.linspace(-1, 1, 384, dtype=np.float32),
               "bias_3072": np.linspace(-1, 1, 3072, dtype=np.float32)}  # fmt: skip
-    got, independent = {}, {}
+    one = {k: v[0] for k, v in shapes(tx.init(params)[0].selected).items()}
     for n in DEVICES:
-        placed = jax.device_put(params, NamedSharding(mesh_of(n, "fsdp"), P("fsdp")))
-        got[n] = {k: v[0] for k, v in shapes(tx.init(placed)[0].selected).items()}
-        rows = plan_rows(nanoadam.plan(placed, density=0.1, show=False))
-        independent[n] = {k: rows[path_of(k)].mesh_independent for k in params}
-    assert all(got[n] == got[1] for n in DEVICES), f"state shapes per device count: {got}"
-    assert all(all(v is True for v in independent[n].values()) for n in DEVICES), independent
+        mesh = mesh_of(n, "fsdp")
+        for spec in (P("fsdp"), P()):
+            placed = jax.device_put(params, NamedSharding(mesh, spec))
+            got = {k: v[0] for k, v in shapes(tx.init(placed)[0].selected).items()}
+            rows = plan_rows(nanoadam.plan(placed, density=0.1, show=False))
+            for k in params:
+                same = got[k] == one[k]
+                # An FSDP split would re-chunk it: flagged on every mesh, this one included.
+                assert rows[path_of(k)].mesh_independent is False, (n, spec, k)
+                assert same is (spec == P() or n == 1), (n, spec, k, got[k])
 
 
 # --------------------------------------------------------------------------------------

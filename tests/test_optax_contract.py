@@ -738,3 +738,27 @@ def test_partial_wrappers_match_the_plain_optimizer_on_their_leaves(wrapper):
     if legacy is not None:
         legacy_updates, _ = _run(legacy, params, steps=2)
         assert_same_updates(legacy_updates, updates[:2])
+
+
+def test_inject_hyperparams_init_under_jit_names_both_ways_out():
+    """optax's contrib suite jits ``inject_hyperparams(opt)(...).init``, which traces an
+    injected density: the error names ``max_density`` and ``static_args``, and both
+    ways out give the plain state's shapes."""
+    params = {"w": jnp.ones((64, 64)), "head": jnp.ones((64, 3))}
+    plain = jax.eval_shape(nanoadam_jax.nanoadam(1e-3, density=0.1).init, params)
+    injected = optax.inject_hyperparams(nanoadam_jax.nanoadam)(learning_rate=1e-3, density=0.1)
+    with pytest.raises(ValueError, match=r"max_density.*static_args=\('density',\)"):
+        jax.jit(injected.init)(params)
+    static = optax.inject_hyperparams(nanoadam_jax.nanoadam, static_args=("density",))(
+        learning_rate=1e-3, density=0.1
+    )
+    sized = optax.inject_hyperparams(nanoadam_jax.nanoadam, static_args=("max_density",))(
+        learning_rate=1e-3, density=0.1, max_density=0.1
+    )
+    for tx in (static, sized):
+        state = jax.jit(tx.init)(params)
+        chex.assert_trees_all_equal_shapes(state.inner_state[0].selected, plain[0].selected)
+        u, state = jax.jit(tx.update)(
+            {"w": jnp.ones((64, 64)), "head": jnp.ones((64, 3))}, state, params
+        )
+        assert int(jnp.sum(u["w"] != 0)) == int(plain[0].selected["w"].size)
