@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 from typing import Any
 
 import jax
@@ -272,7 +273,7 @@ def experiment_e3long(runner: Runner) -> dict[str, Any]:
     rects = a1.bar(np.arange(len(names)), vals, yerr=errs, capsize=4,
                    color=[f"C{i}" for i in range(len(names))])  # fmt: skip
     a1.bar_label(rects, fmt="%.2f", fontsize=7, padding=2)
-    a1.set_xticks(np.arange(len(names)), [k.replace(" + ", "\n+ ") for k in names], fontsize=7)
+    a1.set_xticks(np.arange(len(names)), [textwrap.fill(k, 14) for k in names], fontsize=7)
     lo = min(v - e for v, e in zip(vals, errs))
     hi = max(v + e for v, e in zip(vals, errs))
     a1.set_ylim(max(0, lo - 1.5), min(100, hi + 1))
