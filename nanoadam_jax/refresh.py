@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from nanoadam_jax import selection
 from nanoadam_jax._rows import take_rows
+from nanoadam_jax._sharding import explicit_sharding
 from nanoadam_jax.layout import LeafLayout
 from nanoadam_jax.selection import bisect
 
@@ -32,8 +33,11 @@ __all__ = [
     "REFRESH_POLICIES",
     "carry_plan",
     "carry_positions",
+    "carry_fields",
     "cond",
+    "group_leaves",
     "refresh_due",
+    "select_leaves",
     "select_positions",
 ]
 
@@ -204,3 +208,111 @@ def select_positions(
         return out.reshape(lay.state_shape).astype(lay.index_dtype)
     keys = selection.selection_keys(view, criterion, key)
     return selection.chunk_positions(keys, k, lay.capacity).astype(lay.index_dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# A refresh of many leaves: which share one program, their new selections, the moves.
+# ------------------------------------------------------------------------------------------
+
+#: Largest number of parameter entries stacked into one refresh group (the stack is a
+#: temporary copy, made only at a refresh).
+_GROUP_ENTRIES = 1 << 22
+#: Leaves above this many entries are never stacked (their refresh runs on the leaf).
+_STACKED_LEAF_ENTRIES = 1 << 20
+
+
+def group_leaves(views: list[jax.Array], lays: list[LeafLayout]) -> list[list[int]]:
+    """Sparse leaves (by ordinal) that can share one refresh program: chunk views of the
+    same shape, dtype, capacity and sharding, stacked up to ``_GROUP_ENTRIES`` entries;
+    leaves above ``_STACKED_LEAF_ENTRIES`` entries stay alone (no copy).
+
+    Example:
+      >>> import jax.numpy as jnp, nanoadam_jax as nanoadam
+      >>> lay = nanoadam.layout.leaf_layout((4, 4), max_density=0.5)
+      >>> group_leaves([jnp.zeros((16,))] * 3, [lay] * 3)
+      [[0, 1, 2]]
+    """
+    groups: dict[Any, list[list[int]]] = {}
+    for j, (x, lay) in enumerate(zip(views, lays)):
+        if x.size > _STACKED_LEAF_ENTRIES:
+            groups[(j,)] = [[j]]
+            continue
+        signature = (x.shape, x.dtype, lay.capacity, lay.index_dtype, explicit_sharding(x))
+        bins = groups.setdefault(signature, [[]])
+        if bins[-1] and (len(bins[-1]) + 1) * x.size > _GROUP_ENTRIES:
+            bins.append([])
+        bins[-1].append(j)
+    return [members for bins in groups.values() for members in bins]
+
+
+def select_leaves(
+    views: list[jax.Array],
+    lays: list[LeafLayout],
+    groups: list[list[int]],
+    select_one: Callable[[LeafLayout, jax.Array, jax.Array], jax.Array],
+) -> list[jax.Array]:
+    """New positions of every leaf: ``select_one(lay, view, ordinal)`` group by group.
+
+    A group of same-shaped leaves is stacked (a copy bounded by ``_GROUP_ENTRIES``) and
+    selected by one loop over it, so compile time grows with the number of distinct
+    shapes rather than leaves. One group runs after the other, so the refresh's scratch
+    memory is that of one group: each group's input depends on the previous group's
+    result through an exact ``+0.0`` (the selection reads ``|w|``, which ``+0.0`` leaves
+    unchanged; XLA does not fold ``x + 0.0`` for floats).
+    """
+    out: list[Any] = [None] * len(views)
+    previous = None
+    for members in groups:
+        lay = lays[members[0]]
+        group = [views[j] for j in members]
+        if previous is not None:
+            zero = jnp.sum(previous, dtype=jnp.float32) * 0.0
+            group = [x + zero.astype(x.dtype) for x in group]
+        if len(members) == 1:
+            previous = out[members[0]] = select_one(lay, group[0], jnp.int32(members[0]))
+            continue
+        stacked = jnp.stack(group)
+        ordinals = jnp.asarray(members, jnp.int32)
+
+        def body(m, acc, stacked=stacked, ordinals=ordinals, lay=lay):
+            return acc.at[m].set(select_one(lay, stacked[m], ordinals[m]))
+
+        acc = jnp.broadcast_to(
+            jnp.zeros_like(stacked[..., :1], dtype=lay.index_dtype),
+            (*stacked.shape[:-1], lay.capacity),
+        )
+        previous = acc = jax.lax.fori_loop(0, len(members), body, acc)
+        for m, j in enumerate(members):
+            out[j] = acc[m]
+    return out
+
+
+def carry_fields(
+    old: list[jax.Array],
+    new: list[jax.Array],
+    chunks: list[int],
+    groups: list[list[int]],
+    fields: list[list[jax.Array]],
+    fresh: list[list[jax.Array]],
+) -> list[list[jax.Array]]:
+    """``refresh_policy="keep"`` for compact leaves: every per-entry array (a *field*:
+    Adam's ``mu``, ``nu``, the age...; one array per sparse leaf, by ordinal) moved from
+    the ``old`` positions to the ``new`` ones. Entries in both keep their values; entering
+    entries take ``fresh``'s. Each group's plan (:func:`carry_plan`) is made once and
+    serves every field, stacked over the group's leaves.
+    """
+    out: list[list[Any]] = [[None] * len(old) for _ in fields]
+    for members in groups:
+        if len(members) == 1:
+            (j,) = members
+            plan = carry_plan(old[j], new[j], chunks[j])
+            for f, (values, start) in enumerate(zip(fields, fresh)):
+                out[f][j] = carry_positions(values[j], plan, start[j])
+            continue
+        stack = lambda arrays, members=members: jnp.stack([arrays[j] for j in members])
+        plan = carry_plan(stack(old), stack(new), chunks[members[0]])
+        for f, (values, start) in enumerate(zip(fields, fresh)):
+            moved = carry_positions(stack(values), plan, stack(start))
+            for m, j in enumerate(members):
+                out[f][j] = moved[m]
+    return out

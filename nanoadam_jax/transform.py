@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import optax
 
 from nanoadam_jax import _checks, _rows, layout, refresh, selection
-from nanoadam_jax._sharding import explicit_sharding
 from nanoadam_jax._tree import box_tree, positions, require_params, subtree, zero_update
 from nanoadam_jax.config import (
     SCOPES,
@@ -273,13 +272,6 @@ def sparse_update(
     return optax.GradientTransformationExtraArgs(impl.init, impl.update)
 
 
-#: Largest number of parameter entries stacked into one refresh group (the stack is a
-#: temporary copy, made only at a refresh).
-_GROUP_ENTRIES = 1 << 22
-#: Leaves above this many entries are never stacked (their refresh runs on the leaf).
-_STACKED_LEAF_ENTRIES = 1 << 20
-
-
 class _Leaves:
     """One call's view of the parameters: flat leaves, labels, layouts, tree builders."""
 
@@ -368,73 +360,21 @@ class _SparseUpdate:
 
     # -- refresh ----------------------------------------------------------------------
 
-    def _groups(self, t: _Leaves, xs: list[jax.Array]) -> list[list[int]]:
-        """Sparse leaves (by ordinal) that can share one refresh program: views of the same
-        shape, dtype and sharding, stacked up to :data:`_GROUP_ENTRIES` entries."""
-        groups: dict[Any, list[list[int]]] = {}
-        for j, (i, x) in enumerate(zip(t.sparse, xs)):
-            lay = t.lays[i]
-            signature = (x.shape, x.dtype, lay.capacity, lay.index_dtype)
-            signature += (explicit_sharding(x),)
-            if x.size > _STACKED_LEAF_ENTRIES:
-                groups[(j,)] = [[j]]  # large leaves are selected on their own (no copy)
-                continue
-            bins = groups.setdefault(signature, [[]])
-            if bins[-1] and (len(bins[-1]) + 1) * x.size > _GROUP_ENTRIES:
-                bins.append([])
-            bins[-1].append(j)
-        return [members for bins in groups.values() for members in bins]
-
-    def _select(
-        self, t: _Leaves, xs: list[jax.Array], groups: list[list[int]], density: Any, key: Any
-    ) -> list:
-        """New selections of all sparse leaves (positions, or masks for ``"global"``).
-
-        A group of same-shaped leaves is stacked (a copy bounded by
-        :data:`_GROUP_ENTRIES`) and selected by one loop over it, so compile time grows
-        with the number of distinct shapes rather than leaves, and the selection's
-        scratch memory is that of one leaf.
-        """
+    def _select(self, t: _Leaves, xs: list[jax.Array], density: Any, key: Any) -> tuple:
+        """New selections of all sparse leaves (positions, or masks for ``"global"``), and
+        the refresh groups (see :func:`nanoadam_jax.refresh.group_leaves`)."""
         if not self.compact:
-            return selection.select_global_masks(
-                xs, density, criterion=self.config.criterion, key=key
-            )
-        out: list[Any] = [None] * len(xs)
-        previous = None
-        for members in groups:
-            lay = t.lays[t.sparse[members[0]]]
-            group = [xs[j] for j in members]
-            if previous is not None:
-                # One group after the other, so that the refresh's scratch memory is that
-                # of one group, not of all of them at once: the group's input depends on
-                # the previous group's result through an exact +0.0 (the selection reads
-                # |w|, which +0.0 leaves unchanged; XLA does not fold x + 0.0 for floats).
-                zero = jnp.sum(previous, dtype=jnp.float32) * 0.0
-                group = [x + zero.astype(x.dtype) for x in group]
+            criterion = self.config.criterion
+            return selection.select_global_masks(xs, density, criterion=criterion, key=key), []
+        lays = [t.lays[i] for i in t.sparse]
+        groups = refresh.group_leaves(xs, lays)
 
-            def positions(x, ordinal, lay=lay):
-                leaf_key = None if key is None else jax.random.fold_in(key, ordinal)
-                return refresh.select_positions(
-                    lay, x, self.config.chunk_k(lay, density), self.config.criterion, leaf_key
-                )
+        def select_one(lay, x, ordinal):
+            leaf_key = None if key is None else jax.random.fold_in(key, ordinal)
+            k = self.config.chunk_k(lay, density)
+            return refresh.select_positions(lay, x, k, self.config.criterion, leaf_key)
 
-            if len(members) == 1:
-                previous = out[members[0]] = positions(group[0], members[0])
-                continue
-            stacked = jnp.stack(group)
-            ordinals = jnp.asarray(members, jnp.int32)
-
-            def body(m, acc, stacked=stacked, ordinals=ordinals, positions=positions):
-                return acc.at[m].set(positions(stacked[m], ordinals[m]))
-
-            acc = jnp.broadcast_to(
-                jnp.zeros_like(stacked[..., :1], dtype=lay.index_dtype),
-                (*stacked.shape[:-1], lay.capacity),
-            )
-            previous = acc = jax.lax.fori_loop(0, len(members), body, acc)
-            for m, j in enumerate(members):
-                out[j] = acc[m]
-        return out
+        return refresh.select_leaves(xs, lays, groups, select_one), groups
 
     def _carry(
         self,
@@ -445,73 +385,45 @@ class _SparseUpdate:
         inner_state: Any,
         age: Any,
     ) -> tuple[Any, Any]:
-        """``refresh_policy="keep"``: move the inner state to the new selection.
+        """``refresh_policy="keep"``: move the inner state (and the ages) to the new
+        selection. Entries that stay selected keep their values; entering entries take
+        those of a fresh ``inner.init`` (zero for Adam's moments, 1e-6 for Yogi's) and
+        age 0.
 
-        Entries that stay selected keep their values; entering entries take the values
-        of a fresh ``inner.init`` (zero for Adam's moments, 1e-6 for Yogi's). The moves
-        of a group of same-shaped leaves run as one stacked operation (compile time).
+        The inner state's per-parameter arrays come as *fields* (``mu``, ``nu``...), each
+        one array per sparse leaf, in ``optax.tree_utils.tree_map_params`` order.
         """
         index_tree = t.state_tree([(i, i) for i in t.sparse])
-        # Pass 1: the per-leaf arrays of the inner state and of a fresh one, in the
-        # same (deterministic) traversal order.
         seen = _param_arrays(self.inner, inner_state, index_tree)
-        fresh = [
-            v for v, _ in _param_arrays(self.inner, self._fresh(t, old, inner_state), index_tree)
-        ]
-        n_inner = len(seen)
+        start = _param_arrays(self.inner, self._fresh(t, old, inner_state), index_tree)
+        n = len(t.sparse)
+        if len(seen) % n or [i for _, i in seen] != t.sparse * (len(seen) // n):
+            raise ValueError(  # pragma: no cover - optax states hold whole param trees
+                "refresh_policy='keep' needs an inner state whose per-parameter arrays hold "
+                "every parameter (optax's convention); use refresh_policy='reset'"
+            )
+        fields = [[v for v, _ in seen[f : f + n]] for f in range(0, len(seen), n)]
+        fresh = [[v for v, _ in start[f : f + n]] for f in range(0, len(start), n)]
         if age is not None:  # the ages move like the moments; entering entries start at 0
-            ages = t.sdef.flatten_up_to(age)
-            seen += [(ages[i], i) for i in t.sparse]
-            fresh += [jnp.zeros_like(ages[i]) for i in t.sparse]
+            ages = [t.sdef.flatten_up_to(age)[i] for i in t.sparse]
+            fields.append(ages)
+            fresh.append([jnp.zeros_like(a) for a in ages])
         if self.compact:
-            moved = self._carry_compact(t, old, new, groups, seen, fresh)
+            chunks = [t.lays[i].chunk for i in t.sparse]
+            moved = refresh.carry_fields(old, new, chunks, groups, fields, fresh)
         else:
-            both = {i: o & nw for i, o, nw in zip(t.sparse, old, new)}
-            moved = [jnp.where(both[i], v, f) for (v, i), f in zip(seen, fresh, strict=True)]
-        # Pass 2: put the moved arrays back in the same order.
-        results = iter(moved[:n_inner])
+            both = [o & nw for o, nw in zip(old, new)]
+            moved = [
+                [jnp.where(b, v, f) for b, v, f in zip(both, values, start)]
+                for values, start in zip(fields, fresh)
+            ]
+        if age is not None:
+            age = t.state_tree(list(zip(t.sparse, moved.pop())))
+        results = iter(v for field in moved for v in field)
         inner_state = _map_inner_state(
             self.inner, lambda v, i: next(results), inner_state, index_tree
         )
-        if age is not None:
-            age = t.state_tree(list(zip(t.sparse, moved[n_inner:])))
         return inner_state, age
-
-    def _carry_compact(self, t, old, new, groups, seen, fresh) -> list:
-        """The moved arrays of :meth:`_carry` for the compact layout, group by group."""
-        where = {
-            t.sparse[j]: (g, m) for g, members in enumerate(groups) for m, j in enumerate(members)
-        }
-        occurrence: dict[int, int] = {}
-        batches: dict[tuple[int, int], dict[int, tuple[Any, Any]]] = {}
-        order = []
-        for (value, i), fresh_value in zip(seen, fresh, strict=True):
-            occ = occurrence[i] = occurrence.get(i, -1) + 1
-            g, m = where[i]
-            batches.setdefault((occ, g), {})[m] = (value, fresh_value)
-            order.append((occ, g, m))
-        plans = []
-        for members in groups:
-            chunk = t.lays[t.sparse[members[0]]].chunk
-            if len(members) == 1:
-                plans.append(refresh.carry_plan(old[members[0]], new[members[0]], chunk))
-            else:
-                stacked_old = jnp.stack([old[j] for j in members])
-                stacked_new = jnp.stack([new[j] for j in members])
-                plans.append(refresh.carry_plan(stacked_old, stacked_new, chunk))
-        moved: dict[tuple[int, int, int], Any] = {}
-        for (occ, g), entries in batches.items():
-            size = len(groups[g])
-            if size == 1:
-                value, fresh_value = entries[0]
-                moved[(occ, g, 0)] = refresh.carry_positions(value, plans[g], fresh_value)
-                continue
-            values = jnp.stack([entries[m][0] for m in range(size)])
-            fresh_values = jnp.stack([entries[m][1] for m in range(size)])
-            out = refresh.carry_positions(values, plans[g], fresh_values)
-            for m in range(size):
-                moved[(occ, g, m)] = out[m]
-        return [moved[key] for key in order]
 
     def _fresh(self, t: _Leaves, old: list, inner_state: Any) -> Any:
         """A new inner state (in the stored dtypes), laid out like the stored one.
@@ -529,8 +441,7 @@ class _SparseUpdate:
     def _refresh(self, t: _Leaves, op: Any) -> tuple[Any, Any, Any]:
         (xs, density, step, seed), (selected, age, inner_state) = op
         old = [t.sdef.flatten_up_to(selected)[i] for i in t.sparse]
-        groups = self._groups(t, xs) if self.compact else []
-        new = self._select(t, xs, groups, density, self.config.key(step, seed))
+        new, groups = self._select(t, xs, density, self.config.key(step, seed))
         new_selected = t.state_tree(list(zip(t.sparse, new)))
         if self.policy == "reset":
             zero_age = None if age is None else jax.tree.map(jnp.zeros_like, age)
