@@ -173,11 +173,17 @@ def path_of(name: str) -> str:
 
 
 def sparse_arrays(state, name: str) -> dict:
-    """The compact per-leaf arrays of ``nanoadam``'s state: positions, mu, nu."""
+    """The compact per-leaf arrays of ``nanoadam``'s state: positions, mu, nu and the
+    per-entry age (sharded like the moments)."""
     s = state[0]
     adam = [x for x in jax.tree.leaves(s.sparse_inner_state, is_leaf=_is_adam) if _is_adam(x)]
     assert len(adam) == 1, s.sparse_inner_state
-    return {"selected": s.selected[name], "mu": adam[0].mu[name], "nu": adam[0].nu[name]}
+    return {
+        "selected": s.selected[name],
+        "mu": adam[0].mu[name],
+        "nu": adam[0].nu[name],
+        "age": s.sparse_age[name],
+    }
 
 
 def _is_adam(x) -> bool:
