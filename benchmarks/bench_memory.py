@@ -108,21 +108,44 @@ class Block(nn.Module):
         return x + y
 
 
+class _ScanBlock(nn.Module):
+    d_model: int
+    heads: int
+    d_ff: int
+
+    @nn.compact
+    def __call__(self, x, _):
+        return Block(self.d_model, self.heads, self.d_ff, name="block")(x), None
+
+
 class DecoderLM(nn.Module):
+    """A GPT-style decoder; ``scanned``: its blocks stacked (a leading layer axis on every
+    leaf under ``blocks``) and run by ``nn.scan``, else unrolled (``block_0``, ...)."""
+
     vocab: int
     d_model: int
     layers: int
     heads: int
     d_ff: int
     max_len: int = 512
+    scanned: bool = False
 
     @nn.compact
     def __call__(self, tokens):
         x = nn.Embed(self.vocab, self.d_model, name="embed")(tokens)
         pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.max_len, self.d_model))
         x = x + pos[: tokens.shape[1]]
-        for i in range(self.layers):
-            x = Block(self.d_model, self.heads, self.d_ff, name=f"block_{i}")(x)
+        if self.scanned:
+            stack = nn.scan(
+                _ScanBlock,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.layers,
+            )
+            x, _ = stack(self.d_model, self.heads, self.d_ff, name="blocks")(x, None)
+        else:
+            for i in range(self.layers):
+                x = Block(self.d_model, self.heads, self.d_ff, name=f"block_{i}")(x)
         x = nn.LayerNorm(name="final_norm")(x)
         return nn.Dense(self.vocab, name="head")(x)
 

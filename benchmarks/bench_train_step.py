@@ -55,7 +55,6 @@ from typing import Any
 if not __package__:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,42 +104,6 @@ COLUMNS = [
 # --------------------------------------------------------------------------------------
 
 
-class _ScanBlock(nn.Module):
-    d_model: int
-    heads: int
-    d_ff: int
-
-    @nn.compact
-    def __call__(self, x, _):
-        return bench_memory.Block(self.d_model, self.heads, self.d_ff, name="block")(x), None
-
-
-class ScannedDecoderLM(nn.Module):
-    """``bench_memory.DecoderLM`` with its blocks stacked and run by ``nn.scan``."""
-
-    vocab: int
-    d_model: int
-    layers: int
-    heads: int
-    d_ff: int
-    max_len: int = 512
-
-    @nn.compact
-    def __call__(self, tokens):
-        x = nn.Embed(self.vocab, self.d_model, name="embed")(tokens)
-        pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.max_len, self.d_model))
-        x = x + pos[: tokens.shape[1]]
-        stack = nn.scan(
-            _ScanBlock,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=self.layers,
-        )
-        x, _ = stack(self.d_model, self.heads, self.d_ff, name="blocks")(x, None)
-        x = nn.LayerNorm(name="final_norm")(x)
-        return nn.Dense(self.vocab, name="head")(x)
-
-
 def stacked_dimension_numbers(path: Any, leaf: Any) -> Any:
     """Every leaf under ``blocks`` has a leading layer axis: select over the other axes."""
     if "'blocks'" in jax.tree_util.keystr(path):
@@ -161,8 +124,9 @@ class Model:
 
 
 def transformer(cfg: bench_memory.Config, scanned: bool) -> Model:
-    cls = ScannedDecoderLM if scanned else bench_memory.DecoderLM
-    module = cls(cfg.vocab, cfg.d_model, cfg.layers, cfg.heads, cfg.d_ff, max(512, cfg.seq))
+    module = bench_memory.DecoderLM(
+        cfg.vocab, cfg.d_model, cfg.layers, cfg.heads, cfg.d_ff, max(512, cfg.seq), scanned
+    )
     dummy = jnp.zeros((1, cfg.seq), jnp.int32)
 
     def init():
