@@ -23,10 +23,11 @@ def _params():
 
 def _run(tx, params, steps=10):
     state = tx.init(params)
+    update = jax.jit(tx.update)  # one compilation instead of eager per-op dispatch
     out = []
     for t in range(steps):
         g = jax.tree.map(lambda x: jnp.sin(x * (t + 1.0)) + 0.05 * t, params)
-        u, state = tx.update(g, state, params)
+        u, state = update(g, state, params)
         params = optax.apply_updates(params, u)
         out.append(u)
     return out
