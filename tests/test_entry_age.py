@@ -121,10 +121,11 @@ def test_density_one_is_optax_adam_across_refreshes(wd):
     theirs = optax.adamw(1e-2, weight_decay=wd) if wd else optax.adam(1e-2)
     p1 = p2 = params
     s1, s2 = ours.init(params), theirs.init(params)
+    update1, update2 = jax.jit(ours.update), jax.jit(theirs.update)
     for t in range(10):
         g = jax.tree.map(lambda x: jnp.sin(x * (t + 1.0)) + 0.1, p1)
-        u1, s1 = ours.update(g, s1, p1)
-        u2, s2 = theirs.update(g, s2, p2)
+        u1, s1 = update1(g, s1, p1)
+        u2, s2 = update2(g, s2, p2)
         chex.assert_trees_all_close(u1, u2, rtol=1e-6, atol=1e-9)
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
 
