@@ -258,15 +258,15 @@ def scatter_into_zeros(
     )
 
 
+def _divisors(s: int) -> list[int]:
+    """The divisors of ``s``, largest first."""
+    small = [d for d in range(1, math.isqrt(s) + 1) if s % d == 0]
+    return sorted({*small, *(s // d for d in small)}, reverse=True)
+
+
 def _divisors_up_to(s: int, limit: int) -> int:
     """The largest divisor of ``s`` that is ``<= limit`` (at least 1)."""
-    best = 1
-    for d in range(1, math.isqrt(s) + 1):
-        if s % d == 0:
-            for c in (d, s // d):
-                if best < c <= limit:
-                    best = c
-    return best
+    return next((d for d in _divisors(s) if d <= limit), 1)
 
 
 def shard_counts(s: int) -> list[int]:
@@ -400,9 +400,7 @@ def _shard_split(
             "evenly, mark its layer axes (SelectionDimensionNumbers), or label it 'dense'."
         )
     p = math.prod(matrix[a + 1 :])
-    shard = matrix[a] // devices
-    small = [d for d in range(1, math.isqrt(shard) + 1) if shard % d == 0]
-    for r in sorted({*small, *(shard // d for d in small)}, reverse=True):
+    for r in _divisors(matrix[a] // devices):
         if r * p > target:
             continue
         j, c = _split_point(matrix, r * p)
@@ -428,8 +426,9 @@ def leaf_layout(
     carries that ``spec``. The one-device chunking already keeps chunks inside shards for
     even FSDP splits of the first matrix axis over up to 16 devices (see
     :func:`chunk_length`); for other shardings (tensor-parallel: a later axis split) the
-    chunk length is halved until each chunk lies inside one shard, so the layout, and the
-    selection with it, differs from one device's (:func:`~nanoadam_jax.plan` marks such
+    chunks are the one-device rule's for the longest smaller ``chunk_size`` whose chunks
+    lie inside the shards, so the layout, and the selection with it, differs from one
+    device's (:func:`~nanoadam_jax.plan` marks such
     leaves; :func:`~nanoadam_jax.relayout` moves a state between meshes). A sharding
     that no chunking fits raises an error naming the leaf. ``scope="leaf"`` (one chunk
     per layer) never adapts: its state is replicated over the sharded axes (documented
