@@ -233,16 +233,17 @@ class SelectionConfig:
             return None
         return jax.random.fold_in(jax.random.PRNGKey(seed), step)
 
+    def padded(self) -> bool:
+        """True when fewer than ``capacity`` entries may be selected (padding slots): the
+        density is not one fixed number that sized the state."""
+        return not (isinstance(self.density, (int, float)) and self.max_density is None)
+
     def chunk_k(self, lay: LeafLayout, density: jax.Array) -> Any:
         """Entries selected per chunk: the rounding rule, capped at the capacity."""
-        if isinstance(self.density, (int, float)) and self.max_density is None:
+        if not self.padded():
             return lay.capacity  # static: the capacity is exactly k
         k = selection.num_selected(lay.chunk, density)
         return jnp.minimum(k, jnp.int32(lay.capacity))
-
-    def padded(self) -> bool:
-        """True when fewer than ``capacity`` entries may be selected (padding slots)."""
-        return not (isinstance(self.density, (int, float)) and self.max_density is None)
 
 
 def init_layouts(config: SelectionConfig, params: Any, sparse: list[int]) -> dict[int, LeafLayout]:

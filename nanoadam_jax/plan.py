@@ -218,7 +218,7 @@ def plan(
             selected[i] = jax.ShapeDtypeStruct(lay.state_shape, lay.index_dtype)
             matrix = [s for a, s in enumerate(lay.shape) if a not in lay.batch_axes]
             independent[i] = lay.grid == alone[i].grid and layout.fsdp_invariant(matrix, lay.chunk)
-    per_entry = bias_correction is True or bias_correction == "per_entry"
+    per_entry = state.sparse_age is not None  # the optimizer stores an age per entry
     rows = []
     for i, ((path, leaf), label) in enumerate(zip(leaves_with_path, flat_labels)):
         shape = tuple(leaf.shape)
