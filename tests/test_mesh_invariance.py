@@ -30,6 +30,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from mesh_setup import adam_of, dims, grads_of, host, make_tx, mesh_of, on_mesh, random_params
 
 import nanoadam_jax as nanoadam
 
@@ -54,24 +55,9 @@ SHAPES = {
 SPARSE = tuple(SHAPES)
 
 
-def make_tx():
-    return nanoadam.nanoadam(1e-2, density=0.1, mask_interval=2, dimension_numbers=dims)
-
-
-def dims(path, leaf):
-    """The stack's layer axis is a batch axis; the other leaves are plain matrices."""
-    return nanoadam.SelectionDimensionNumbers(axes=(1, 2)) if len(leaf.shape) == 3 else None
-
-
 @functools.cache
 def host_params() -> dict:
-    rng = np.random.default_rng(18)
-    params = {
-        name: (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        for name, shape in SHAPES.items()
-    }
-    params["head"] = {"kernel": (rng.standard_normal((384, 16)) * 0.05).astype(np.float32)}
-    return params
+    return random_params(SHAPES, 18)
 
 
 def layer_axes(name: str) -> int:
@@ -88,20 +74,11 @@ def tp_spec(name: str) -> P:
     return P(*([None] * (len(SHAPES[name]) - 1)), "tp")
 
 
-def mesh_of(n: int, axis: str) -> Mesh:
-    return Mesh(np.array(jax.devices()[:n]), (axis,))
-
-
 def place(mesh: Mesh, spec_of) -> dict:
     params = host_params()
     specs = {name: spec_of(name) for name in SPARSE}
     specs["head"] = {"kernel": P(mesh.axis_names[0], None)}
     return jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
-
-
-def grads_of(params):
-    """Element-wise in the parameters: the same on every mesh, bit for bit."""
-    return jax.tree.map(lambda w: jnp.sin(3.0 * w) + 0.1, params)
 
 
 def make_step(tx):
@@ -119,23 +96,6 @@ def optimizer():
     return tx, make_step(tx)
 
 
-def pin(tree, mesh):
-    """Leaves not on ``mesh`` (the scalar counters) replicated on it, so that one compiled
-    program runs every step."""
-
-    def put(x):
-        s = getattr(x, "sharding", None)
-        if isinstance(s, NamedSharding) and s.mesh == mesh:
-            return x
-        return jax.device_put(x, NamedSharding(mesh, P()))
-
-    return jax.tree.map(put, tree)
-
-
-def host(tree):
-    return jax.tree.map(np.asarray, tree)
-
-
 class MeshRun:
     """Init, ``plan`` and STEPS jitted steps on one mesh (numpy copies of the results)."""
 
@@ -147,7 +107,7 @@ class MeshRun:
         self.init_state = state  # the device arrays, for their shardings
         self.init_host = host(state)
         self.plan = nanoadam.plan(params, density=0.1, dimension_numbers=dims, show=False)
-        state = pin(state, mesh)
+        state = on_mesh(state, mesh)
         for _ in range(steps):
             params, state = step(params, state)
         self.state = state
@@ -176,18 +136,13 @@ def sparse_arrays(state, name: str) -> dict:
     """The compact per-leaf arrays of ``nanoadam``'s state: positions, mu, nu and the
     per-entry age (sharded like the moments)."""
     s = state[0]
-    adam = [x for x in jax.tree.leaves(s.sparse_inner_state, is_leaf=_is_adam) if _is_adam(x)]
-    assert len(adam) == 1, s.sparse_inner_state
+    adam = adam_of(s.sparse_inner_state)
     return {
         "selected": s.selected[name],
-        "mu": adam[0].mu[name],
-        "nu": adam[0].nu[name],
+        "mu": adam.mu[name],
+        "nu": adam.nu[name],
         "age": s.sparse_age[name],
     }
-
-
-def _is_adam(x) -> bool:
-    return isinstance(x, optax.ScaleByAdamState)
 
 
 # --------------------------------------------------------------------------------------
@@ -343,7 +298,7 @@ def test_tensor_parallel_runs_and_plan_flags_mesh_dependent_leaves():
     assert rows[path_of("bert_up")].mesh_independent is False
     # that leaf still trains on the TP mesh (2 jitted steps), its state sharded
     leaf = {"bert_up": params["bert_up"]}
-    leaf_state = pin(tx.init(leaf), mesh)
+    leaf_state = on_mesh(tx.init(leaf), mesh)
     for _ in range(2):
         leaf, leaf_state = step(leaf, leaf_state)
     assert int(leaf_state[0].sparse_step) == 2

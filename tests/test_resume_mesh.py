@@ -30,13 +30,13 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from mesh_setup import adam_of, grads_of, host, make_tx, mesh_of, on_mesh, random_params
 
 import nanoadam_jax as nanoadam
 
@@ -58,31 +58,9 @@ SHAPES = {
 SPARSE = tuple(SHAPES)
 
 
-def dims(path, leaf):
-    return nanoadam.SelectionDimensionNumbers(axes=(1, 2)) if len(leaf.shape) == 3 else None
-
-
-def make_tx():
-    return nanoadam.nanoadam(LR, density=0.1, mask_interval=2, dimension_numbers=dims)
-
-
 @functools.cache
 def host_params() -> dict:
-    rng = np.random.default_rng(1818)
-    params = {
-        name: (rng.standard_normal(shape) * 0.05).astype(np.float32)
-        for name, shape in SHAPES.items()
-    }
-    params["head"] = {"kernel": (rng.standard_normal((384, 16)) * 0.05).astype(np.float32)}
-    return params
-
-
-def grads_of(params):
-    return jax.tree.map(lambda w: jnp.sin(3.0 * w) + 0.1, params)
-
-
-def mesh_of(n: int, axis: str) -> Mesh:
-    return Mesh(np.array(jax.devices()[:n]), (axis,))
+    return random_params(SHAPES, 1818)
 
 
 def param_shardings(mesh: Mesh) -> dict:
@@ -105,7 +83,7 @@ def place(mesh: Mesh) -> dict:
 
 @functools.cache
 def optimizer():
-    tx = make_tx()
+    tx = make_tx(LR)
 
     def step(params, state):
         updates, state = tx.update(grads_of(params), state, params)
@@ -118,27 +96,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def on_mesh(tree, mesh: Mesh):
-    """Arrays not yet on ``mesh`` (the scalar counters) replicated on it."""
-
-    def put(x):
-        s = getattr(x, "sharding", None)
-        if isinstance(s, NamedSharding) and s.mesh == mesh:
-            return x
-        return jax.device_put(x, replicated(mesh))
-
-    return jax.tree.map(put, tree)
-
-
 def run(params, state, steps: int):
     _, step = optimizer()
     for _ in range(steps):
         params, state = step(params, state)
     return params, state
-
-
-def host(tree):
-    return jax.tree.map(np.asarray, tree)
 
 
 @functools.cache
@@ -198,25 +160,11 @@ def assert_trees_equal(got, want) -> None:
 
 
 def adam_state(state):
-    s = state[0].sparse_inner_state
-    found = [
-        x
-        for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-        if isinstance(x, optax.ScaleByAdamState)
-    ]
-    assert len(found) == 1, s
-    return found[0]
+    return adam_of(state[0].sparse_inner_state)
 
 
 def dense_adam_state(state):
-    s = state[0].dense_inner_state
-    found = [
-        x
-        for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-        if isinstance(x, optax.ScaleByAdamState)
-    ]
-    assert len(found) == 1, s
-    return found[0]
+    return adam_of(state[0].dense_inner_state)
 
 
 # --------------------------------------------------------------------------------------
