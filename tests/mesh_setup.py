@@ -1,6 +1,6 @@
-"""What the mesh tests share (test_mesh_invariance.py, test_resume_mesh.py): an optimizer
-whose stacked leaf declares its layer axis, random parameters, a gradient that is the same
-on every mesh bit for bit, meshes of the first ``n`` host devices, and state helpers."""
+"""What the mesh tests share (test_mesh_invariance.py, test_resume_mesh.py, test_sharding.py):
+an optimizer whose stacked leaf declares its layer axis, random parameters, a gradient that is
+the same on every mesh bit for bit, meshes of the first ``n`` host devices, and state helpers."""
 
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from mesh_setup import on_mesh
 
 import nanoadam_jax as nanoadam
 from nanoadam_jax import layout
@@ -166,19 +167,6 @@ def train(tx):
     return jax.jit(step)
 
 
-def pin(tree, mesh):
-    """Leaves not yet on ``mesh`` (scalar counters made by ``jnp.zeros``) replicated on it,
-    so that a step's inputs and outputs agree and one compiled program runs every step."""
-
-    def put(x):
-        s = getattr(x, "sharding", None)
-        if isinstance(s, NamedSharding) and s.mesh == mesh:
-            return x
-        return jax.device_put(x, NamedSharding(mesh, P()))
-
-    return jax.tree.map(put, tree)
-
-
 def run(step, params, state, steps: int = STEPS):
     for t in range(steps):
         params, state = step(params, state, jnp.int32(t))
@@ -208,7 +196,7 @@ class Run:
         self.mesh = mesh = mesh_for(name, mode)
         with jax.set_mesh(mesh):
             params = jax.device_put(make_params(), shardings(name, mode))
-            state = pin(tx.init(params), mesh)
+            state = on_mesh(tx.init(params), mesh)
             self.init_state = state
             self.adamw_state = optax.adamw(LR).init(params)
             compiled = train(tx).lower(params, state, jnp.int32(0)).compile()
